@@ -1,0 +1,215 @@
+"""Command line: `sdmprune prune | eval | inspect` (each has --help)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from .allocation import check_ratio
+from .criteria import CRITERIA
+from .data import TEXT_DATASETS, load_text
+from .errors import SdmpruneError
+from .evaluation.perplexity import perplexity, tokenize_windows
+from .export import export_pruned
+from .io import check_output_dir
+from .masks import count_parameters
+from .models import DEFAULT_MODEL, load_model
+from .pruning import PruneConfig, prune
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"hub id, local HF directory, .gguf file, or '{DEFAULT_MODEL}' (bundled; default)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights dtype; auto = bf16 on a GPU, fp32 on CPU")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow custom model code from the hub (off by default)")
+
+
+def _add_ppl_args(parser: argparse.ArgumentParser, *, default_data: str | None, default_tokens: int | None) -> None:
+    names = ", ".join(TEXT_DATASETS)
+    parser.add_argument("--ppl-data", default=default_data,
+                        help=f"perplexity text: a .txt/.raw/.jsonl file or a dataset name ({names}); "
+                             "'none' skips it")
+    parser.add_argument("--data-dir", default=None,
+                        help="local directory holding the named datasets (default: $SDMPRUNE_DATA_DIR; "
+                             "unset = Hugging Face hub)")
+    parser.add_argument("--seq-len", type=int, default=512, help="perplexity window length in tokens")
+    parser.add_argument("--max-tokens", type=int, default=default_tokens,
+                        help="use only the first N tokens of the text (0 = all)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for evaluation (CPU and GPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdmprune",
+        description="Structured pruning of causal LMs' MLP neurons, exported as plain Hugging Face models.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser(
+        "prune", help="prune a model and export it",
+        description="Score MLP neurons, remove the least important, report perplexity before and after, and "
+                    "write a Hugging Face directory (+ pruning.json, model card) that loads with plain "
+                    "transformers. Example: sdmprune prune --ratio 0.2 --output runs/smollm2-p20",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_args(p)
+    help_of = PruneConfig.field_help()
+    criteria = "; ".join(f"{c.name}: {c.description}" for c in CRITERIA.values())
+    p.add_argument("--criterion", default="magnitude", choices=sorted(CRITERIA), help=f"{criteria}")
+    p.add_argument("--ratio", type=float, default=None, help=help_of["ratio"] + " [default 0.2 if no --mlp-ratio]")
+    p.add_argument("--mlp-ratio", type=float, default=None, help=help_of["mlp_ratio"])
+    p.add_argument("--width-multiple", type=int, default=1, help=help_of["width_multiple"])
+    p.add_argument("--allocation", default="uniform", help=help_of["allocation"])
+    p.add_argument("--seed", type=int, default=0, help=help_of["seed"])
+    p.add_argument("--output", required=True, help="directory to write the pruned model to (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--padded", action="store_true",
+                   help="if widths differ per layer, zero-pad every layer to the widest so plain transformers loads it")
+    _add_ppl_args(p, default_data="wikitext2", default_tokens=16384)
+
+    e = commands.add_parser(
+        "eval", help="perplexity of a model",
+        description="Perplexity over non-overlapping windows. Example: "
+                    "sdmprune eval --model runs/smollm2-p20 --ppl-data wikitext2 --max-tokens 16384",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_args(e)
+    _add_ppl_args(e, default_data="wikitext2", default_tokens=0)
+    e.add_argument("--output", default=None,
+                   help="results JSON path (default: eval-<data>.json inside a local model directory)")
+
+    i = commands.add_parser(
+        "inspect", help="layers, widths and parameter counts of a model",
+        description="Example: sdmprune inspect runs/smollm2-p20",
+    )
+    i.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model spec, as for --model")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _load(args) -> tuple:
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
+                                  trust_remote_code=args.trust_remote_code)
+    print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return model, tokenizer
+
+
+def _ppl_windows(args, model, tokenizer):
+    if args.ppl_data in (None, "none"):
+        return None
+    text = load_text(args.ppl_data, args.data_dir)
+    return tokenize_windows(tokenizer, text, args.seq_len, args.max_tokens or None, model)
+
+
+def _ppl(args, model, tokenizer, windows) -> dict:
+    result = perplexity(model, tokenizer, windows, batch_size=args.batch_size, bf16=args.bf16)
+    return {"data": args.ppl_data, **result}
+
+
+def run_prune(args) -> None:
+    if args.ratio is None and args.mlp_ratio is None:
+        args.ratio = 0.2
+    config = PruneConfig(**{f.name: getattr(args, f.name) for f in fields(PruneConfig)})
+    config.validate()
+    for name in ("ratio", "mlp_ratio"):
+        if getattr(config, name) is not None:
+            check_ratio(name, getattr(config, name))
+    check_output_dir(Path(args.output), args.overwrite)
+
+    model, tokenizer = _load(args)
+    windows = _ppl_windows(args, model, tokenizer)
+    before_count = count_parameters(model)
+    evaluation = {}
+    if windows is not None:
+        evaluation["before"] = _ppl(args, model, tokenizer, windows)
+    result = prune(model, config)
+    if windows is not None:
+        evaluation["after"] = _ppl(args, model, tokenizer, windows)
+    report = {**result.report, "source_model": args.model, "evaluation": evaluation}
+    export_pruned(model, tokenizer, result.masks, args.output, report=report,
+                  overwrite=args.overwrite, padded=args.padded)
+
+    achieved = result.report["achieved"]
+    print(f"\n{args.model} -> {args.output}  ({config.criterion}, {config.allocation})")
+    requested = f"ratio {config.ratio}" if config.ratio is not None else f"mlp-ratio {config.mlp_ratio}"
+    print(f"requested {requested}; achieved ratio {achieved['ratio']:.4f} of total parameters, "
+          f"{achieved['mlp_ratio']:.4f} of MLP neurons")
+    print(f"parameters {before_count.total:,} -> {achieved['params_after']:,}; "
+          f"MLP width {before_count.widths[0]} -> {min(result.masks.widths) if result.masks.keep else 0}")
+    if evaluation:
+        b, a = evaluation["before"], evaluation["after"]
+        print(f"perplexity ({args.ppl_data}, {b['tokens']} tokens, windows of {b['seq_len']}): "
+              f"{b['ppl']:.2f} -> {a['ppl']:.2f}")
+    print(f"wrote {args.output}/ (pruning.json, README.md, model.safetensors)")
+
+
+def run_eval(args) -> None:
+    model, tokenizer = _load(args)
+    windows = _ppl_windows(args, model, tokenizer)
+    if windows is None:
+        raise SdmpruneError("nothing to evaluate: pass --ppl-data")
+    result = {"model": args.model, "perplexity": _ppl(args, model, tokenizer, windows)}
+    ppl = result["perplexity"]
+    print(f"perplexity {ppl['ppl']:.3f} on {args.ppl_data} ({ppl['tokens']} tokens, windows of {ppl['seq_len']}, "
+          f"{ppl['tokens_per_s']:.0f} tokens/s)")
+    output = args.output
+    if output is None and Path(args.model).is_dir():
+        output = Path(args.model) / f"eval-{Path(args.ppl_data).stem}.json"
+    if output is not None:
+        Path(output).write_text(json.dumps(result, indent=1))
+        print(f"wrote {output}")
+
+
+def run_inspect(args) -> None:
+    model, _ = load_model(args.model, device="cpu")
+    count = count_parameters(model)
+    info = {
+        "model": args.model,
+        "model_type": model.config.model_type,
+        "layers": len(count.widths),
+        "hidden_size": model.config.hidden_size,
+        "params_total": count.total,
+        "params_mlp": count.mlp,
+        "widths": count.widths,
+        "mlp_params_per_layer": count.mlp_per_layer,
+    }
+    record = Path(args.model) / "pruning.json"
+    if record.is_file():
+        pruning = json.loads(record.read_text())
+        info["pruning"] = {k: pruning[k] for k in ("method", "requested", "achieved", "widths", "export")}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    print(f"{args.model}: {info['model_type']}, {info['layers']} layers, hidden {info['hidden_size']}")
+    print(f"parameters: {count.total:,} total, {count.mlp:,} in MLPs ({count.mlp / count.total:.1%})")
+    widths = info.get("pruning", {}).get("widths", count.widths)
+    print("layer  MLP width  MLP params")
+    for layer, (width, params) in enumerate(zip(widths, count.mlp_per_layer, strict=True)):
+        print(f"{layer:5d}  {width:9d}  {params:10,}")
+    if "pruning" in info:
+        p = info["pruning"]
+        print(f"pruned with {p['method']}: requested {p['requested']}, achieved ratio {p['achieved']['ratio']:.4f}"
+              f", layout {p['export']['layout']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"prune": run_prune, "eval": run_eval, "inspect": run_inspect}[args.command](args)
+    except SdmpruneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

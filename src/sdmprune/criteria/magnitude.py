@@ -1,0 +1,24 @@
+"""Magnitude baseline: a neuron is as important as the norm of its weights."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ScoringContext, register_criterion
+
+
+@register_criterion("magnitude", needs_calibration=False)
+@torch.inference_mode()
+def magnitude(context: ScoringContext) -> list[torch.Tensor]:
+    """L2 norm of the neuron's weights: row i of W_gate and W_up and column i of W_down."""
+    architecture = context.masks.architecture
+    scores = []
+    for mlp in architecture.mlps(context.model):
+        gate, up, down = architecture.projections(mlp)
+        squared = (
+            gate.weight.float().pow(2).sum(dim=1)
+            + up.weight.float().pow(2).sum(dim=1)
+            + down.weight.float().pow(2).sum(dim=0)
+        )
+        scores.append(squared.sqrt())
+    return scores

@@ -1,0 +1,92 @@
+"""Perplexity over non-overlapping windows (METHOD.md protocol).
+
+The text is tokenised once, cut into windows of `seq_len` tokens (the remainder dropped), and
+PPL = exp(mean next-token NLL over every predicted token of every window).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SdmpruneError
+
+
+def context_length(model: nn.Module) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def tokenize_windows(
+    tokenizer, text: str, seq_len: int, max_tokens: int | None = None, model: nn.Module | None = None
+) -> torch.Tensor:
+    """(n_windows, seq_len) token ids: `text` tokenised once, optionally capped at `max_tokens`."""
+    if seq_len < 2:
+        raise SdmpruneError(f"--seq-len must be at least 2, got {seq_len}")
+    limit = context_length(model) if model is not None else None
+    if limit is not None and seq_len > limit:
+        raise SdmpruneError(f"--seq-len {seq_len} is longer than the model's context ({limit} tokens): lower it")
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise SdmpruneError(
+            f"the text has {ids.numel()} tokens (after --max-tokens), fewer than one window of {seq_len}: "
+            "use a longer text, a larger --max-tokens or a smaller --seq-len"
+        )
+    return ids[: n_windows * seq_len].view(n_windows, seq_len)
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+@torch.inference_mode()
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    text: str | torch.Tensor,
+    *,
+    seq_len: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    bf16: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of `model` on `text` (a string, or (n, seq_len) ids from `tokenize_windows`).
+
+    Returns {"ppl", "nll", "tokens" (predicted tokens), "windows", "seq_len", "seconds", "tokens_per_s"}.
+    """
+    windows = text if isinstance(text, torch.Tensor) else tokenize_windows(tokenizer, text, seq_len, max_tokens, model)
+    device = next(model.parameters()).device
+    total_nll, predicted = 0.0, 0
+    start = time.perf_counter()
+    batches = windows.split(batch_size)
+    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
+        batch = batch.to(device)
+        with autocast_context(device, bf16):
+            logits = model(input_ids=batch, use_cache=False).logits
+        nll = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+        )
+        total_nll += nll.item()
+        predicted += batch[:, 1:].numel()
+    seconds = time.perf_counter() - start
+    mean_nll = total_nll / predicted
+    if not math.isfinite(mean_nll):
+        raise SdmpruneError("perplexity is not finite: the model produced inf/nan logits (try --dtype float32)")
+    return {
+        "ppl": math.exp(mean_nll),
+        "nll": mean_nll,
+        "tokens": predicted,
+        "windows": windows.shape[0],
+        "seq_len": windows.shape[1],
+        "seconds": seconds,
+        "tokens_per_s": windows.numel() / seconds,
+    }

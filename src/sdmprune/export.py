@@ -1,0 +1,191 @@
+"""Physically remove masked neurons and write a standard Hugging Face directory.
+
+Layouts (recorded in pruning.json under `export.layout`):
+- `uniform`: every layer has the same width; `config.intermediate_size` = that width. Loads with
+  plain `AutoModelForCausalLM.from_pretrained`.
+- `per-layer`: widths differ; tensors have their true shapes, `config.intermediate_size` is the
+  largest width. Load with `sdmprune.load_pruned(dir)`.
+- `padded`: widths differ, every layer zero-padded to the largest width. Exactly the same function
+  (a zero neuron contributes nothing) and loads with plain transformers, at the cost of the padding.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from . import __version__
+from .errors import SdmpruneError
+from .io import atomic_directory, check_output_dir
+from .masks import NeuronMasks, count_parameters
+from .models.architectures import Architecture, get_architecture
+from .models.loading import resolve_device, resolve_dtype
+
+
+def _resize_mlp(architecture: Architecture, mlp: nn.Module, index: torch.Tensor, width: int) -> None:
+    """Keep neurons `index` of one MLP, zero-padded to `width` (>= len(index)), in place."""
+    gate, up, down = architecture.projections(mlp)
+
+    def take(tensor: torch.Tensor, dim: int) -> nn.Parameter:
+        kept = tensor.detach().index_select(dim, index.to(tensor.device))
+        if width > index.numel():
+            pad_shape = list(kept.shape)
+            pad_shape[dim] = width - index.numel()
+            kept = torch.cat([kept, kept.new_zeros(pad_shape)], dim=dim)
+        return nn.Parameter(kept.contiguous(), requires_grad=tensor.requires_grad)
+
+    for linear in (gate, up):
+        linear.weight = take(linear.weight, 0)
+        if linear.bias is not None:
+            linear.bias = take(linear.bias, 0)
+        linear.out_features = width
+    down.weight = take(down.weight, 1)
+    down.in_features = width
+
+
+def slice_model(model: PreTrainedModel, masks: NeuronMasks, *, padded: bool = False) -> list[int]:
+    """Remove the masked neurons from `model` in place and detach the masks; returns the stored widths.
+
+    With `padded`, layers narrower than the widest are zero-padded to its width.
+    """
+    architecture = get_architecture(model)
+    widths = masks.widths
+    width_max = max(widths)
+    for mlp, keep in zip(architecture.mlps(model), masks.keep, strict=True):
+        index = torch.nonzero(keep).flatten()
+        _resize_mlp(architecture, mlp, index, width_max if padded else index.numel())
+    masks.remove()
+    setattr(model.config, architecture.width_key, width_max)
+    return [width_max] * len(widths) if padded else widths
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "sdmprune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def export_pruned(
+    model: PreTrainedModel,
+    tokenizer,
+    masks: NeuronMasks,
+    output_dir: str | Path,
+    *,
+    report: dict,
+    overwrite: bool = False,
+    padded: bool = False,
+) -> Path:
+    """Slice `model` in place (see `slice_model`) and save it with its tokenizer, pruning.json and a card.
+
+    Writes to a temporary sibling directory renamed to `output_dir` at the end, so a failure leaves
+    nothing behind. An existing `output_dir` is refused unless `overwrite`.
+    """
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+    kept_indices = masks.kept_indices()
+    widths = masks.widths
+    layout = "uniform" if len(set(widths)) == 1 else ("padded" if padded else "per-layer")
+    slice_model(model, masks, padded=layout == "padded")
+    count = count_parameters(model)
+    record = {
+        **report,
+        "kept_indices": kept_indices,
+        "widths": widths,
+        "export": {
+            "layout": layout,
+            "intermediate_size": max(widths),
+            "stored_params": count.total,
+        },
+        "versions": library_versions(),
+    }
+    with atomic_directory(output_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "pruning.json").write_text(json.dumps(record, indent=1))
+        (tmp / "README.md").write_text(model_card(record))
+    return output_dir
+
+
+def model_card(record: dict) -> str:
+    achieved = record["achieved"]
+    layout = record["export"]["layout"]
+    widths = record["widths"]
+    loading = (
+        "```python\nfrom transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH)\n```"
+        if layout != "per-layer"
+        else "```python\nimport sdmprune\nmodel, tokenizer = sdmprune.load_pruned(PATH)\n```\n"
+        "(widths differ per layer; re-export with `--padded` for a copy plain transformers loads)"
+    )
+    lines = [
+        "---",
+        "tags: [sdmprune, pruned, structured-pruning]",
+        "---",
+        f"# {record.get('source_model', 'model')} pruned with sdmprune ({record['method']})",
+        "",
+        f"MLP neurons were removed with the `{record['method']}` criterion; attention is unchanged.",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| requested | ratio={record['requested']['ratio']}, mlp_ratio={record['requested']['mlp_ratio']} |",
+        f"| achieved ratio (of total parameters) | {achieved['ratio']:.4f} |",
+        f"| achieved MLP-neuron ratio | {achieved['mlp_ratio']:.4f} |",
+        f"| parameters | {achieved['params_before']:,} -> {achieved['params_after']:,} |",
+        f"| MLP widths | {record['widths_before'][0]} -> {min(widths)}..{max(widths)} ({layout}) |",
+        f"| seed | {record['seed']} |",
+    ]
+    for name, result in record.get("evaluation", {}).items():
+        lines.append(f"| perplexity {name} | {result} |")
+    lines += ["", "## Loading", "", loading, "", "`pruning.json` lists the kept neuron indices of every layer.", ""]
+    return "\n".join(lines)
+
+
+def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        state.update(load_file(directory / name))
+    return state
+
+
+def load_pruned(directory: str | Path, *, dtype: str = "auto", device: str = "auto"):
+    """Load any sdmprune export, including per-layer widths, as `(model, tokenizer)`."""
+    directory = Path(directory)
+    record_path = directory / "pruning.json"
+    if not record_path.is_file():
+        raise SdmpruneError(f"{directory} has no pruning.json: it is not an sdmprune export")
+    record = json.loads(record_path.read_text())
+    torch_device = resolve_device(device)
+    config = AutoConfig.from_pretrained(directory)
+    architecture = get_architecture(config.model_type)
+    stored: Sequence[int] = (
+        record["widths"] if record["export"]["layout"] == "per-layer"
+        else [record["export"]["intermediate_size"]] * len(record["widths"])
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for mlp, width in zip(architecture.mlps(model), stored, strict=True):
+        _resize_mlp(architecture, mlp, torch.arange(width), width)
+    missing, unexpected = model.load_state_dict(_load_state_dict(directory), strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise SdmpruneError(f"{directory} does not match its pruning.json (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    model = model.to(device=torch_device, dtype=resolve_dtype(dtype, torch_device)).eval()
+    return model, AutoTokenizer.from_pretrained(directory)

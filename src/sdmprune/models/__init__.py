@@ -1,0 +1,15 @@
+"""Model loading and the architecture registry."""
+
+from .architectures import ARCHITECTURES, Architecture, get_architecture, register
+from .loading import DEFAULT_MODEL, load_model, resolve_device, resolve_dtype
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "DEFAULT_MODEL",
+    "get_architecture",
+    "load_model",
+    "register",
+    "resolve_device",
+    "resolve_dtype",
+]

@@ -1,0 +1,60 @@
+"""Where each supported architecture keeps its decoder layers and their MLP projections.
+
+Adding an architecture is one `register(...)` call: the rest of the package reaches the MLP only
+through an `Architecture`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import SdmpruneError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Attribute names of a SwiGLU decoder: `y = down(act(gate(x)) * up(x))`."""
+
+    layers: str = "model.layers"  # dotted path from the CausalLM to its list of decoder layers
+    mlp: str = "mlp"  # attribute of a decoder layer
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    width_key: str = "intermediate_size"  # config field holding the MLP width
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        module = model
+        for name in self.layers.split("."):
+            module = getattr(module, name)
+        return module
+
+    def mlps(self, model: nn.Module) -> list[nn.Module]:
+        return [getattr(layer, self.mlp) for layer in self.decoder_layers(model)]
+
+    def projections(self, mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """(gate, up, down) linears of one MLP; gate/up weights are (I, H), down is (H, I)."""
+        return getattr(mlp, self.gate), getattr(mlp, self.up), getattr(mlp, self.down)
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(model_type: str, architecture: Architecture) -> None:
+    ARCHITECTURES[model_type] = architecture
+
+
+# SmolLM and SmolLM2 are LlamaForCausalLM checkpoints.
+for _model_type in ("llama", "mistral", "qwen2", "qwen3"):
+    register(_model_type, Architecture())
+
+
+def get_architecture(model_or_type: nn.Module | str) -> Architecture:
+    model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
+    if model_type not in ARCHITECTURES:
+        raise SdmpruneError(
+            f"unsupported architecture '{model_type}': supported are {', '.join(sorted(ARCHITECTURES))} "
+            "(add one with sdmprune.models.architectures.register)"
+        )
+    return ARCHITECTURES[model_type]
