@@ -25,6 +25,9 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
     try:
         yield tmp
     except BaseException:

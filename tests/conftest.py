@@ -1,0 +1,70 @@
+"""Tiny randomly initialised models of every supported architecture, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import decoders as tokenizer_decoders
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
+VOCAB = 260
+
+
+def tiny_config(model_type: str, **overrides):
+    settings = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=model_type in ("qwen2", "qwen3"),
+    )
+    if model_type == "qwen3":
+        settings["head_dim"] = 8
+    settings.update(overrides)
+    return AutoConfig.for_model(model_type, **settings)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    with torch.no_grad():  # random init gives near-uniform logits; widen them so differences show
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.2)
+    return model.eval()
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with 256 byte tokens + EOS (id 256)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {char: i for i, char in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizer_decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def saved_model(tmp_path, tokenizer):
+    """A tiny Llama saved as a local HF directory."""
+    directory = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return path

@@ -1,0 +1,118 @@
+"""The CLI end to end on a tiny model, and one clear line for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from sdmprune.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_eval_inspect(capsys, saved_model, text_file, tmp_path):
+    out_dir = tmp_path / "pruned"
+    code, out, _ = run(capsys, "prune", "--model", saved_model, "--ratio", "0.2", "--criterion", "magnitude",
+                       "--ppl-data", text_file, "--seq-len", "64", "--output", out_dir)
+    assert code == 0
+    assert "achieved ratio 0.2" in out and "perplexity" in out
+    record = json.loads((out_dir / "pruning.json").read_text())
+    assert record["requested"]["ratio"] == 0.2 and record["achieved"]["ratio"] >= 0.2
+    assert record["evaluation"]["after"]["tokens"] == record["evaluation"]["before"]["tokens"] > 0
+    plain = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert plain.config.intermediate_size == record["widths"][0]
+
+    code, out, _ = run(capsys, "eval", "--model", out_dir, "--ppl-data", text_file, "--seq-len", "64")
+    assert code == 0
+    result = json.loads((out_dir / "eval-text.json").read_text())
+    # The exported model's perplexity is the masked model's.
+    assert result["perplexity"]["ppl"] == pytest.approx(record["evaluation"]["after"]["ppl"], rel=1e-4)
+
+    code, out, _ = run(capsys, "inspect", out_dir, "--json")
+    info = json.loads(out)
+    assert info["widths"] == record["widths"] and info["params_total"] == record["achieved"]["params_after"]
+    assert info["pruning"]["export"]["layout"] == "uniform"
+
+
+def test_help_lists_every_command_and_criterion(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    for word in ("--ratio", "--mlp-ratio", "--width-multiple", "magnitude", "random", "--overwrite"):
+        assert word in out
+
+
+def bad_inputs(tmp_path, saved_model, text_file):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    corrupt = tmp_path / "broken.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\x00garbage" * 10)
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    ok = ["--ppl-data", str(text_file), "--seq-len", "32"]
+    return {
+        "missing model path": (["--model", str(tmp_path / "nope"), *ok], "does not exist"),
+        "unsupported architecture": (["--model", str(gpt2), *ok], "unsupported architecture 'gpt2'"),
+        "ratio zero": (["--model", str(saved_model), "--ratio", "0", *ok], "must be in (0, 1)"),
+        "ratio too large": (["--model", str(saved_model), "--ratio", "0.95", *ok], "cannot be reached"),
+        "empty text": (["--model", str(saved_model), "--ppl-data", str(empty)], "is empty"),
+        "text shorter than a window": (["--model", str(saved_model), "--ppl-data", str(short), "--seq-len", "64"],
+                                       "fewer than one window"),
+        "seq-len above context": (["--model", str(saved_model), "--ppl-data", str(text_file), "--seq-len", "4096"],
+                                  "longer than the model's context"),
+        "corrupt gguf": (["--model", str(corrupt), *ok], "could not read GGUF file"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing model path", "unsupported architecture", "ratio zero", "ratio too large", "empty text",
+    "text shorter than a window", "seq-len above context", "corrupt gguf",
+])
+def test_bad_input_fails_with_one_line_and_no_output(case, capsys, tmp_path, saved_model, text_file, monkeypatch):
+    monkeypatch.setenv("SDMPRUNE_CACHE", str(tmp_path / "cache"))
+    cases = bad_inputs(tmp_path, saved_model, text_file)
+    argv, message = cases[case]
+    output = tmp_path / "out"
+    code, _, err = run(capsys, "prune", *argv, "--output", output)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not output.exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_existing_output_directory(capsys, tmp_path, saved_model, text_file):
+    existing = tmp_path / "existing"
+    (existing / "keep.txt").parent.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "prune", "--model", saved_model, "--ppl-data", text_file, "--seq-len", "32",
+                       "--output", existing)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (existing / "keep.txt").read_text() == "mine"
+    code, _, _ = run(capsys, "prune", "--model", saved_model, "--ppl-data", "none", "--output", existing,
+                     "--overwrite")
+    assert code == 0 and not (existing / "keep.txt").exists() and (existing / "pruning.json").is_file()
+
+
+def test_hub_id_offline_gives_a_clear_error(capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: patch the value
+    code, _, err = run(capsys, "inspect", "no-such-org/no-such-model")
+    assert code == 2 and "could not load model 'no-such-org/no-such-model'" in err
+
+
+def test_mlp_ratio_and_width_multiple(capsys, saved_model, tmp_path):
+    code, out, _ = run(capsys, "prune", "--model", saved_model, "--mlp-ratio", "0.3", "--width-multiple", "8",
+                       "--ppl-data", "none", "--output", tmp_path / "o")
+    assert code == 0
+    record = json.loads((tmp_path / "o" / "pruning.json").read_text())
+    assert record["widths"] == [40, 40]  # 64 * 0.7 = 44.8 -> 40
