@@ -7,8 +7,13 @@ import torch
 from conftest import tiny_model
 
 from sdmprune import SdmpruneError, count_parameters
-from sdmprune.allocation import achieved, keep_top, uniform_widths
+from sdmprune.allocation import achieved, allocate_widths, keep_top, kept_budget
 from sdmprune.masks import ParameterCount
+
+
+def uniform_widths(count, *, width_multiple=1, **ratio):
+    return allocate_widths(count, kept_budget(count, **ratio), width_multiple=width_multiple)
+
 
 # Llama-3.2-1B as METHOD.md states it: 1,235,814,400 params, H=2048, I=8192, 16 layers.
 LLAMA_1B = ParameterCount(

@@ -1,8 +1,16 @@
 """From a pruning ratio to kept widths per layer, and from scores to keep-masks.
 
 `ratio` is the fraction of *total* parameters removed (the SDMPrune tables' convention), all of it
-taken from MLP neurons; `mlp_ratio` is the fraction of MLP neurons removed. Widths are rounded
-down to a multiple of `width_multiple`, so the achieved ratio is at least the requested one.
+taken from MLP neurons; `mlp_ratio` is the fraction of MLP neurons removed. The target is a budget
+of kept neurons over all layers; an allocation spreads it over layers:
+
+- `uniform`: the same width in every layer (the paper's choice);
+- `global`: neurons ranked across layers on per-layer standardised scores (FLAP's choice);
+- `layer-range`: the first L/8 and last L/16 layers stay dense, the others share the budget
+  uniformly (LLM-Pruner's default keeps layers 0-3 and the last 2 of 32).
+
+Widths are rounded down to a multiple of `width_multiple`, so the achieved ratio is at least the
+requested one.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import torch
 from .errors import SdmpruneError
 from .masks import ParameterCount
 
-ALLOCATIONS = ("uniform",)
+ALLOCATIONS = ("uniform", "global", "layer-range")
 
 
 def check_ratio(name: str, value: float) -> None:
@@ -27,38 +35,89 @@ def _round_down(width: float, multiple: int) -> int:
     return int(math.floor(width / multiple + 1e-9)) * multiple
 
 
-def uniform_widths(
-    count: ParameterCount,
-    *,
-    ratio: float | None = None,
-    mlp_ratio: float | None = None,
-    width_multiple: int = 1,
-) -> list[int]:
-    """The same kept width in every layer (capped at a layer's current width)."""
+def kept_budget(count: ParameterCount, *, ratio: float | None = None, mlp_ratio: float | None = None) -> float:
+    """Neurons to keep over all layers (fractional) so that `ratio` of total parameters (or
+    `mlp_ratio` of MLP neurons) is removed. Assumes every neuron costs the same (true of SwiGLU)."""
     if (ratio is None) == (mlp_ratio is None):
         raise SdmpruneError("give exactly one of --ratio (of total parameters) or --mlp-ratio (of MLP neurons)")
-    if width_multiple < 1:
-        raise SdmpruneError(f"--width-multiple must be a positive integer, got {width_multiple}")
     if mlp_ratio is not None:
         check_ratio("mlp_ratio", mlp_ratio)
-        widths = [_round_down(w * (1 - mlp_ratio), width_multiple) for w in count.widths]
-        width = min(widths)
-    else:
-        check_ratio("ratio", ratio)
-        # Solve sum_l (I_l - w) * p_l = ratio * total for the common width w.
-        neuron_params = sum(count.per_neuron)
-        exact = (sum(w * p for w, p in zip(count.widths, count.per_neuron, strict=True))
-                 - ratio * count.total) / neuron_params
-        width = _round_down(exact, width_multiple)
-        widths = [min(width, w) for w in count.widths]
-    if width < width_multiple or width < 1:
-        reachable = (count.total - count.after([width_multiple] * len(count.widths))) / count.total
-        raise SdmpruneError(
-            f"the requested ratio cannot be reached by pruning MLP neurons: MLPs hold "
-            f"{count.mlp / count.total:.1%} of the parameters, so at most {reachable:.3f} of the total can be "
-            f"removed while keeping {width_multiple} neuron(s) per layer; ask for less"
-        )
-    return widths
+        return sum(count.widths) * (1 - mlp_ratio)
+    check_ratio("ratio", ratio)
+    return sum(count.widths) - ratio * count.total / count.per_neuron[0]
+
+
+def dense_layers(n_layers: int) -> list[bool]:
+    """Layers `layer-range` leaves dense: the first round(L/8) and the last round(L/16)."""
+    first, last = round(n_layers / 8), round(n_layers / 16)
+    return [layer < first or layer >= n_layers - last for layer in range(n_layers)]
+
+
+def _unreachable(count: ParameterCount, width_multiple: int) -> SdmpruneError:
+    reachable = (count.total - count.after([width_multiple] * len(count.widths))) / count.total
+    return SdmpruneError(
+        f"the requested ratio cannot be reached by pruning MLP neurons: MLPs hold {count.mlp / count.total:.1%} "
+        f"of the parameters, so at most {reachable:.3f} of the total can be removed while keeping "
+        f"{width_multiple} neuron(s) per layer; ask for less"
+    )
+
+
+def allocate_widths(
+    count: ParameterCount,
+    budget: float,
+    *,
+    allocation: str = "uniform",
+    width_multiple: int = 1,
+    scores: Sequence[torch.Tensor] | None = None,
+) -> list[int]:
+    """Kept width per layer for a budget of kept neurons (`scores` needed for `global`)."""
+    if width_multiple < 1:
+        raise SdmpruneError(f"--width-multiple must be a positive integer, got {width_multiple}")
+    if allocation not in ALLOCATIONS:
+        raise SdmpruneError(f"unknown allocation '{allocation}': choose {', '.join(ALLOCATIONS)}")
+    n_layers = len(count.widths)
+    if allocation == "global":
+        return _global_widths(count, budget, width_multiple, scores)
+    dense = dense_layers(n_layers) if allocation == "layer-range" else [False] * n_layers
+    pruned = n_layers - sum(dense)
+    if pruned == 0:
+        raise SdmpruneError("layer-range leaves every layer dense for a model this shallow: use another allocation")
+    dense_width = sum(w for w, d in zip(count.widths, dense, strict=True) if d)
+    width = _round_down((budget - dense_width) / pruned, width_multiple)
+    if width < max(width_multiple, 1):
+        raise _unreachable(count, width_multiple)
+    return [w if d else min(width, w) for w, d in zip(count.widths, dense, strict=True)]
+
+
+def standardise(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-layer (s - mean) / std over the finite (still kept) scores; pruned stay -inf."""
+    result = []
+    for layer_scores in scores:
+        finite = layer_scores[torch.isfinite(layer_scores)]
+        std = finite.std() if finite.numel() > 1 else finite.new_tensor(1.0)
+        result.append((layer_scores - finite.mean()) / std.clamp_min(1e-12))
+    return result
+
+
+def _global_widths(
+    count: ParameterCount, budget: float, width_multiple: int, scores: Sequence[torch.Tensor] | None
+) -> list[int]:
+    if scores is None:
+        raise SdmpruneError("global allocation ranks neurons by score: it needs a criterion's scores")
+    minimum = max(width_multiple, 1)
+    total = math.floor(budget + 1e-9)
+    if total < minimum * len(scores):
+        raise _unreachable(count, width_multiple)
+    z = standardise(scores)
+    # Every layer keeps its `minimum` best neurons; the rest of the budget goes to the best z-scores anywhere.
+    reserved = [torch.zeros_like(s, dtype=torch.bool) for s in z]
+    for mask, layer_z in zip(reserved, z, strict=True):
+        mask[torch.argsort(layer_z, descending=True, stable=True)[:minimum]] = True
+    pool = torch.cat([layer_z.masked_fill(mask, float("-inf")) for layer_z, mask in zip(z, reserved, strict=True)])
+    chosen = torch.zeros_like(pool, dtype=torch.bool)
+    chosen[torch.argsort(pool, descending=True, stable=True)[: total - minimum * len(z)]] = True
+    counts = [minimum + int(part.sum()) for part in chosen.split([s.numel() for s in z])]
+    return [max(minimum, _round_down(c, width_multiple)) for c in counts]
 
 
 def keep_top(scores: Sequence[torch.Tensor], widths: Sequence[int]) -> list[torch.Tensor]:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
-from .allocation import check_ratio
-from .criteria import CRITERIA
-from .data import TEXT_DATASETS, load_text
+from .allocation import ALLOCATIONS
+from .criteria import CRITERIA, get_criterion
+from .data import TEXT_DATASETS, load_calibration, load_text
 from .errors import SdmpruneError
 from .evaluation.perplexity import perplexity, tokenize_windows
 from .export import export_pruned
@@ -19,6 +20,8 @@ from .io import check_output_dir
 from .masks import count_parameters
 from .models import DEFAULT_MODEL, load_model
 from .pruning import PruneConfig, prune
+from .schedule import STATE_JSON
+from .teacher import TEACHERS
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +34,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="allow custom model code from the hub (off by default)")
 
 
-def _add_ppl_args(parser: argparse.ArgumentParser, *, default_data: str | None, default_tokens: int | None) -> None:
+def _add_ppl_args(
+    parser: argparse.ArgumentParser, *, default_data: str | None, default_tokens: int | None, bf16_flag: bool = True
+) -> None:
     names = ", ".join(TEXT_DATASETS)
     parser.add_argument("--ppl-data", default=default_data,
                         help=f"perplexity text: a .txt/.raw/.jsonl file or a dataset name ({names}); "
@@ -43,7 +48,25 @@ def _add_ppl_args(parser: argparse.ArgumentParser, *, default_data: str | None, 
     parser.add_argument("--max-tokens", type=int, default=default_tokens,
                         help="use only the first N tokens of the text (0 = all)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for evaluation (CPU and GPU)")
+    if bf16_flag:  # `prune` has one --bf16 (a PruneConfig field) for scoring and evaluation alike
+        parser.add_argument("--bf16", action="store_true", help="bf16 autocast for evaluation (CPU and GPU)")
+
+
+CHOICES = {"criterion": sorted(CRITERIA), "allocation": list(ALLOCATIONS), "teacher": list(TEACHERS)}
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One option per PruneConfig field, its help taken from the field."""
+    group = parser.add_argument_group("pruning")
+    criteria = "; ".join(f"{c.name}: {c.description}" for c in CRITERIA.values())
+    for f in fields(PruneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + (f" ({criteria})" if f.name == "criterion" else "")
+        if f.type == "bool":
+            group.add_argument(flag, action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "str": str}.get(f.type, float)
+        group.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,19 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_args(p)
-    help_of = PruneConfig.field_help()
-    criteria = "; ".join(f"{c.name}: {c.description}" for c in CRITERIA.values())
-    p.add_argument("--criterion", default="magnitude", choices=sorted(CRITERIA), help=f"{criteria}")
-    p.add_argument("--ratio", type=float, default=None, help=help_of["ratio"] + " [default 0.2 if no --mlp-ratio]")
-    p.add_argument("--mlp-ratio", type=float, default=None, help=help_of["mlp_ratio"])
-    p.add_argument("--width-multiple", type=int, default=1, help=help_of["width_multiple"])
-    p.add_argument("--allocation", default="uniform", help=help_of["allocation"])
-    p.add_argument("--seed", type=int, default=0, help=help_of["seed"])
+    _add_config_args(p)
+    calib = p.add_argument_group("calibration (criteria that need data)")
+    calib.add_argument("--calib", default="c4",
+                       help="a .txt/.jsonl file or directory, a dataset name (c4, wikitext2), or 'self' "
+                            "(text sampled from the model itself)")
+    calib.add_argument("--calib-samples", type=int, default=64, help="number of calibration windows")
+    calib.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
+    calib.add_argument("--calib-temperature", type=float, default=1.0, help="--calib self: sampling temperature")
+    calib.add_argument("--calib-top-p", type=float, default=0.95, help="--calib self: nucleus sampling top-p")
     p.add_argument("--output", required=True, help="directory to write the pruned model to (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the state saved in --output after each step")
     p.add_argument("--padded", action="store_true",
                    help="if widths differ per layer, zero-pad every layer to the widest so plain transformers loads it")
-    _add_ppl_args(p, default_data="wikitext2", default_tokens=16384)
+    _add_ppl_args(p, default_data="wikitext2", default_tokens=16384, bf16_flag=False)
 
     e = commands.add_parser(
         "eval", help="perplexity of a model",
@@ -115,15 +141,27 @@ def _ppl(args, model, tokenizer, windows) -> dict:
     return {"data": args.ppl_data, **result}
 
 
+def _prepare_output(args) -> bool:
+    """Check --output/--overwrite/--resume before any work; True if a saved run state is resumed."""
+    output = Path(args.output)
+    interrupted = (output / STATE_JSON).is_file() and not (output / "pruning.json").is_file()
+    if args.resume:
+        if not interrupted:
+            raise SdmpruneError(f"nothing to resume: {output} holds no interrupted run")
+        return True
+    if interrupted and not args.overwrite:
+        raise SdmpruneError(f"{output} holds an interrupted run: pass --resume to continue it or --overwrite "
+                            "to start over")
+    check_output_dir(output, args.overwrite)
+    return False
+
+
 def run_prune(args) -> None:
     if args.ratio is None and args.mlp_ratio is None:
         args.ratio = 0.2
     config = PruneConfig(**{f.name: getattr(args, f.name) for f in fields(PruneConfig)})
     config.validate()
-    for name in ("ratio", "mlp_ratio"):
-        if getattr(config, name) is not None:
-            check_ratio(name, getattr(config, name))
-    check_output_dir(Path(args.output), args.overwrite)
+    resume = _prepare_output(args)
 
     model, tokenizer = _load(args)
     windows = _ppl_windows(args, model, tokenizer)
@@ -131,12 +169,21 @@ def run_prune(args) -> None:
     evaluation = {}
     if windows is not None:
         evaluation["before"] = _ppl(args, model, tokenizer, windows)
-    result = prune(model, config)
+    calibration, calibration_summary = None, None
+    if get_criterion(config.criterion).needs_calibration:
+        calibration, calibration_summary = load_calibration(
+            args.calib, tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=config.seed,
+            model=model, data_dir=args.data_dir, temperature=args.calib_temperature, top_p=args.calib_top_p,
+        )
+    if Path(args.output).exists() and not resume:
+        shutil.rmtree(args.output)  # --overwrite: the run state goes into the output directory
+    result = prune(model, config, calibration=calibration, calibration_summary=calibration_summary,
+                   state_dir=args.output, resume=resume)
     if windows is not None:
         evaluation["after"] = _ppl(args, model, tokenizer, windows)
     report = {**result.report, "source_model": args.model, "evaluation": evaluation}
-    export_pruned(model, tokenizer, result.masks, args.output, report=report,
-                  overwrite=args.overwrite, padded=args.padded)
+    # The output directory holds the run state until the export replaces it.
+    export_pruned(model, tokenizer, result.masks, args.output, report=report, overwrite=True, padded=args.padded)
 
     achieved = result.report["achieved"]
     print(f"\n{args.model} -> {args.output}  ({config.criterion}, {config.allocation})")

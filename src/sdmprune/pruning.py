@@ -1,44 +1,79 @@
-"""One pruning run: score neurons with a criterion, allocate widths, set the masks.
+"""One pruning run: the config, and `prune()`, the entry point of the Python API.
 
-    result = prune(model, PruneConfig(criterion="magnitude", ratio=0.2))
-    result.masks      # NeuronMasks attached to `model`
-    result.report     # what was asked, what was achieved (goes into pruning.json)
+    result = prune(model, PruneConfig(criterion="sdmprune", ratio=0.2), calibration=ids)
+    result.masks      # NeuronMasks attached to `model` (weights untouched; export_pruned slices them)
+    result.report     # what was asked, what was achieved, every step (goes into pruning.json)
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .allocation import ALLOCATIONS, achieved, keep_top, uniform_widths
-from .criteria import ScoringContext, compute_scores, get_criterion
+from .allocation import ALLOCATIONS, check_ratio
+from .criteria import get_criterion
 from .errors import SdmpruneError
-from .masks import NeuronMasks, count_parameters
+from .masks import NeuronMasks
+from .schedule import run_schedule
+from .teacher import TEACHERS
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
 
 
 @dataclass
 class PruneConfig:
-    """Settings of a pruning run; each field's help is the CLI's help."""
+    """Settings of a pruning run; each field's help is the CLI's help (`--field-name`)."""
 
-    criterion: str = field(default="magnitude", metadata={"help": "importance criterion (see `sdmprune prune --help`)"})
-    ratio: float | None = field(
-        default=None, metadata={"help": "fraction of TOTAL parameters to remove, taken from MLP neurons (e.g. 0.2)"}
-    )
-    mlp_ratio: float | None = field(
-        default=None, metadata={"help": "fraction of MLP neurons to remove instead of --ratio"}
-    )
-    width_multiple: int = field(
-        default=1, metadata={"help": "round kept widths down to a multiple of this (e.g. 64 for fast kernels)"}
-    )
-    allocation: str = field(default="uniform", metadata={"help": "how widths are spread over layers: uniform"})
-    seed: int = field(default=0, metadata={"help": "seed for every random choice; same seed, same result"})
+    criterion: str = field(default="magnitude", metadata=_help("importance criterion"))
+    ratio: float | None = field(default=None, metadata=_help(
+        "fraction of TOTAL parameters to remove, taken from MLP neurons (e.g. 0.2)"))
+    mlp_ratio: float | None = field(default=None, metadata=_help("fraction of MLP neurons to remove instead"))
+    width_multiple: int = field(default=1, metadata=_help("round kept widths down to a multiple of this (e.g. 64)"))
+    allocation: str = field(default="uniform", metadata=_help(
+        "uniform: same width per layer | global: rank standardised scores across layers | "
+        "layer-range: first L/8 and last L/16 layers dense"))
+    steps: int = field(default=1, metadata=_help(
+        "prune-and-rescore steps of the (distillation) stage; 1 = one shot, as the paper"))
+    teacher: str = field(default="masks-off", metadata=_help(
+        "masks-off: the model itself with masks off (no extra memory) | copy: a frozen second copy"))
+    alpha: float | None = field(default=None, metadata=_help(
+        "sdmprune: KL weight α (default: official value for the nearest of the 20/30/40 percent targets)"))
+    temperature: float | None = field(default=None, metadata=_help(
+        "sdmprune: teacher temperature T (default: official value for the nearest ratio)"))
+    cold_start: float = field(default=0.025, metadata=_help(
+        "sdmprune: fraction of MLP width pruned by the cross-entropy cold start"))
+    micro_batch: int = field(default=1, metadata=_help(
+        "calibration windows per backward pass (sdmprune takes |.| per micro-batch; official: 1)"))
+    bf16: bool = field(default=False, metadata=_help(
+        "bf16 autocast for scoring passes (the CLI uses it for perplexity too); faster on CPU and GPU"))
+    seed: int = field(default=0, metadata=_help("seed for every random choice; same seed, same result"))
 
     def validate(self) -> None:
         get_criterion(self.criterion)
         if self.allocation not in ALLOCATIONS:
             raise SdmpruneError(f"unknown allocation '{self.allocation}': choose {', '.join(ALLOCATIONS)}")
+        if self.teacher not in TEACHERS:
+            raise SdmpruneError(f"unknown teacher '{self.teacher}': choose {', '.join(TEACHERS)}")
+        if (self.ratio is None) == (self.mlp_ratio is None):
+            raise SdmpruneError("give exactly one of --ratio (of total parameters) or --mlp-ratio (of MLP neurons)")
+        if self.ratio is not None:
+            check_ratio("ratio", self.ratio)
+        else:
+            check_ratio("mlp_ratio", self.mlp_ratio)
+        for name in ("steps", "micro_batch", "width_multiple"):
+            if getattr(self, name) < 1:
+                raise SdmpruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.cold_start < 1:
+            raise SdmpruneError(f"--cold-start must be in (0, 1), got {self.cold_start}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise SdmpruneError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise SdmpruneError(f"--temperature must be positive, got {self.temperature}")
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
@@ -57,31 +92,18 @@ def prune(
     *,
     calibration: torch.Tensor | None = None,
     calibration_summary: dict | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
     **overrides,
 ) -> PruneResult:
-    """Prune `model`'s MLP neurons by masking (weights untouched; `export_pruned` slices them).
+    """Prune `model`'s MLP neurons by masking; keyword overrides update `config`.
 
-    `calibration` is an (N, S) tensor of token ids for criteria that need data.
-    Keyword overrides update `config`, e.g. `prune(model, ratio=0.2, criterion="random")`.
+    `calibration` is an (N, S) tensor of token ids for criteria that need data. With `state_dir`,
+    the run state is saved after every step there, and `resume=True` continues from it.
     """
     config = PruneConfig(**{**asdict(config or PruneConfig()), **overrides})
     config.validate()
-    count = count_parameters(model)
-    widths = uniform_widths(
-        count, ratio=config.ratio, mlp_ratio=config.mlp_ratio, width_multiple=config.width_multiple
+    masks, report = run_schedule(
+        model, config, calibration, calibration_summary, Path(state_dir) if state_dir else None, resume
     )
-    torch.manual_seed(config.seed)
-    masks = NeuronMasks(model)
-    scores = compute_scores(config.criterion, ScoringContext(model, masks, calibration, config.seed))
-    masks.update(keep_top(scores, widths))
-    report = {
-        "method": config.criterion,
-        "config": asdict(config),
-        "requested": {"ratio": config.ratio, "mlp_ratio": config.mlp_ratio},
-        "achieved": achieved(count, masks.widths),
-        "widths_before": count.widths,
-        "widths": masks.widths,
-        "seed": config.seed,
-        "calibration": calibration_summary,
-    }
     return PruneResult(masks, report)

@@ -15,16 +15,22 @@ from torch import nn
 
 from ..errors import SdmpruneError
 from ..masks import NeuronMasks
+from ..teacher import Teacher
 
 
 @dataclass
 class ScoringContext:
-    """What a criterion may use: the (masked) model, its masks, calibration windows and a seed."""
+    """What a criterion may use: the (masked) model, its masks, calibration windows and settings."""
 
     model: nn.Module
     masks: NeuronMasks
     calibration: torch.Tensor | None  # (N, S) token ids, or None for data-free criteria
     seed: int = 0
+    teacher: Teacher | None = None  # for distillation losses
+    alpha: float = 0.0  # weight of the KL term; 0 = plain cross-entropy
+    temperature: float = 1.0  # applied to the teacher's logits
+    micro_batch: int = 1  # windows per backward pass (SDMPrune takes |.| per micro-batch)
+    bf16: bool = False  # bf16 autocast for the forward/backward passes
 
 
 @dataclass(frozen=True)
@@ -33,17 +39,21 @@ class Criterion:
     score: Callable[[ScoringContext], list[torch.Tensor]]
     needs_calibration: bool
     description: str
+    # Optional step run once the final masks are set (e.g. FLAP's bias compensation).
+    compensate: Callable[[ScoringContext], None] | None = None
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, *, needs_calibration: bool):
+def register_criterion(
+    name: str, *, needs_calibration: bool, compensate: Callable[[ScoringContext], None] | None = None
+):
     """Decorator registering `fn(ctx) -> list of (I_l,) scores`; its docstring's first line is the help."""
 
     def decorate(fn: Callable[[ScoringContext], list[torch.Tensor]]):
         description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-        CRITERIA[name] = Criterion(name, fn, needs_calibration, description)
+        CRITERIA[name] = Criterion(name, fn, needs_calibration, description, compensate)
         return fn
 
     return decorate
@@ -71,4 +81,4 @@ def compute_scores(name: str, context: ScoringContext) -> list[torch.Tensor]:
     return result
 
 
-from . import magnitude, random  # noqa: E402,F401  (modules register themselves)
+from . import magnitude, random, sdmprune, taylor  # noqa: E402,F401  (modules register themselves)

@@ -1,5 +1,6 @@
-"""Text sources for perplexity and calibration."""
+"""Text sources for perplexity, and calibration windows for importance criteria."""
 
-from .text import TEXT_DATASETS, load_text
+from .calibration import load_calibration
+from .text import CALIBRATION_DATASETS, TEXT_DATASETS, load_text
 
-__all__ = ["TEXT_DATASETS", "load_text"]
+__all__ = ["CALIBRATION_DATASETS", "TEXT_DATASETS", "load_calibration", "load_text"]

@@ -1,0 +1,67 @@
+"""Backward passes over calibration windows with gradients on the MLP weights only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SdmpruneError
+from ..evaluation.perplexity import autocast_context
+from ..losses import self_distillation_loss
+from . import ScoringContext
+
+MLPWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # W_gate (I, H), W_up (I, H), W_down (H, I)
+
+
+def mlp_weights(context: ScoringContext) -> list[MLPWeights]:
+    architecture = context.masks.architecture
+    return [
+        tuple(linear.weight for linear in architecture.projections(mlp))
+        for mlp in architecture.mlps(context.model)
+    ]
+
+
+@contextmanager
+def gradients_on_mlp_only(model: nn.Module, weights: list[MLPWeights]) -> Iterator[None]:
+    """Only MLP weights require grad inside the block (activations still carry gradients through
+    attention); grads are cleared and the previous flags restored afterwards."""
+    previous = {param: param.requires_grad for param in model.parameters()}
+    model.requires_grad_(False)
+    for triple in weights:
+        for weight in triple:
+            weight.requires_grad_(True)
+            weight.grad = None
+    try:
+        yield
+    finally:
+        for param, flag in previous.items():
+            param.requires_grad_(flag)
+            param.grad = None
+
+
+def loss_backward_passes(context: ScoringContext, description: str) -> Iterator[int]:
+    """For each micro-batch of calibration windows: forward, self-distillation loss, backward.
+
+    Yields the micro-batch's window count after its backward, with the gradients in `.grad`
+    (accumulated across micro-batches unless the caller clears them). Stops on a non-finite loss.
+    """
+    ids_all = context.calibration
+    device = next(context.model.parameters()).device
+    batches = ids_all.split(context.micro_batch)
+    for batch in tqdm(batches, desc=description, unit="batch", leave=False):
+        ids = batch.to(device)
+        teacher_logits = context.teacher.logits(ids) if context.alpha > 0 else None
+        with autocast_context(device, context.bf16):
+            logits = context.model(input_ids=ids, use_cache=False).logits
+        loss = self_distillation_loss(logits, teacher_logits, ids, context.alpha, context.temperature)
+        if not torch.isfinite(loss):
+            raise SdmpruneError(
+                f"{description}: the loss is not finite ({loss.item()}); the model or calibration data produce "
+                "inf/nan (try float32 weights, no --bf16, or other calibration text)"
+            )
+        loss.backward()
+        yield ids.shape[0]

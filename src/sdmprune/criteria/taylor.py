@@ -1,0 +1,27 @@
+"""LLM-Pruner's first-order Taylor importance with cross-entropy ("param_first", element-wise)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from . import ScoringContext, register_criterion
+from .gradients import gradients_on_mlp_only, loss_backward_passes, mlp_weights
+
+
+@register_criterion("taylor", needs_calibration=True)
+def taylor(context: ScoringContext) -> list[torch.Tensor]:
+    """LLM-Pruner Taylor: sum of |w·g| over the neuron's gate row, up row and down column (CE loss)."""
+    context = replace(context, alpha=0.0)  # LLM-Pruner scores with plain next-token cross-entropy
+    weights = mlp_weights(context)
+    windows = context.calibration.shape[0]
+    with gradients_on_mlp_only(context.model, weights):
+        for _ in loss_backward_passes(context, "taylor"):
+            pass  # gradients accumulate over all micro-batches: one batched gradient of the summed loss
+        with torch.no_grad():
+            return [
+                ((gate * gate.grad).float().abs().sum(1) + (up * up.grad).float().abs().sum(1)
+                 + (down * down.grad).float().abs().sum(0)) / windows
+                for gate, up, down in weights
+            ]
