@@ -68,3 +68,14 @@ def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     return path
+
+
+@pytest.fixture
+def shared_data():
+    """The shared data directory: $SDMPRUNE_DATA_DIR, else ../shared/data next to the repository."""
+    import os
+    from pathlib import Path
+
+    directory = Path(os.environ.get("SDMPRUNE_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
+    assert directory.is_dir(), f"{directory} not found: set SDMPRUNE_DATA_DIR to the shared data directory"
+    return directory

@@ -44,7 +44,8 @@ def test_help_lists_every_command_and_criterion(capsys):
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
     out = capsys.readouterr().out
-    for word in ("--ratio", "--mlp-ratio", "--width-multiple", "magnitude", "random", "--overwrite"):
+    for word in ("--ratio", "--mlp-ratio", "--width-multiple", "magnitude", "random", "--overwrite", "sdmprune",
+                 "taylor", "wanda-sp", "flap", "--calib", "--resume", "--teacher", "--importance", "--steps"):
         assert word in out
 
 
@@ -98,7 +99,7 @@ def test_existing_output_directory(capsys, tmp_path, saved_model, text_file):
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert (existing / "keep.txt").read_text() == "mine"
     code, _, _ = run(capsys, "prune", "--model", saved_model, "--ppl-data", "none", "--output", existing,
-                     "--overwrite")
+                     "--overwrite", "--criterion", "magnitude")
     assert code == 0 and not (existing / "keep.txt").exists() and (existing / "pruning.json").is_file()
 
 
@@ -112,7 +113,7 @@ def test_hub_id_offline_gives_a_clear_error(capsys, monkeypatch):
 
 def test_mlp_ratio_and_width_multiple(capsys, saved_model, tmp_path):
     code, out, _ = run(capsys, "prune", "--model", saved_model, "--mlp-ratio", "0.3", "--width-multiple", "8",
-                       "--ppl-data", "none", "--output", tmp_path / "o")
+                       "--criterion", "magnitude", "--ppl-data", "none", "--output", tmp_path / "o")
     assert code == 0
     record = json.loads((tmp_path / "o" / "pruning.json").read_text())
     assert record["widths"] == [40, 40]  # 64 * 0.7 = 44.8 -> 40

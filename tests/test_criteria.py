@@ -23,7 +23,7 @@ def test_magnitude_is_the_norm_of_the_neurons_weights():
 
 def test_pruned_neurons_score_minus_infinity():
     model = tiny_model("llama")
-    result = prune(model, mlp_ratio=0.5)
+    result = prune(model, mlp_ratio=0.5, criterion="magnitude")
     scores = compute_scores("magnitude", ScoringContext(model, result.masks, None))
     assert torch.isinf(scores[0][~result.masks.keep[0]]).all()
     assert torch.isfinite(scores[0][result.masks.keep[0]]).all()

@@ -93,7 +93,7 @@ def test_per_layer_widths(tokenizer, tmp_path, padded):
 
 def test_existing_output_refused_and_failed_export_leaves_nothing(tokenizer, tmp_path, monkeypatch):
     model = tiny_model("llama")
-    result = prune(model, ratio=0.1)
+    result = prune(model, ratio=0.1, criterion="magnitude")
     existing = tmp_path / "exists"
     existing.mkdir()
     with pytest.raises(SdmpruneError, match="already exists"):

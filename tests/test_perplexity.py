@@ -24,6 +24,9 @@ def test_perplexity_equals_direct_computation(tokenizer):
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     assert result["windows"] == 3 and result["tokens"] == 3 * 31 and result["seq_len"] == 32
     assert result["ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    per_window = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    assert result["window_nll"] == pytest.approx(per_window.tolist(), rel=1e-5)
+    assert result["nll_stderr"] == pytest.approx(per_window.std().item() / math.sqrt(3), rel=1e-4)
     capped = perplexity(model, tokenizer, text, seq_len=32, max_tokens=64, progress=False)
     assert capped["windows"] == 2
 

@@ -8,14 +8,17 @@ from .export import export_pruned, load_pruned, slice_model  # noqa: E402
 from .masks import NeuronMasks, count_parameters  # noqa: E402
 from .models import load_model  # noqa: E402
 from .pruning import PruneConfig, PruneResult, prune  # noqa: E402
+from .recovery import FinetuneConfig, finetune  # noqa: E402
 
 __all__ = [
+    "FinetuneConfig",
     "NeuronMasks",
     "PruneConfig",
     "PruneResult",
     "SdmpruneError",
     "count_parameters",
     "export_pruned",
+    "finetune",
     "load_model",
     "load_pruned",
     "perplexity",

@@ -1,4 +1,4 @@
-"""Command line: `sdmprune prune | eval | inspect` (each has --help)."""
+"""Command line: `sdmprune prune | eval | finetune | inspect` (each has --help)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,24 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .allocation import ALLOCATIONS
 from .criteria import CRITERIA, get_criterion
+from .criteria.sdmprune import IMPORTANCES
 from .data import TEXT_DATASETS, load_calibration, load_text
 from .errors import SdmpruneError
 from .evaluation.perplexity import perplexity, tokenize_windows
+from .evaluation.tasks import ALL_TASKS, evaluate_tasks, parse_task_names, resolve_tasks, write_results
 from .export import export_pruned
 from .io import check_output_dir
 from .masks import count_parameters
 from .models import DEFAULT_MODEL, load_model
 from .pruning import PruneConfig, prune
-from .schedule import STATE_JSON
+from .recovery import FinetuneConfig, finetune, load_adapter
+from .recovery.finetune import is_adapter_dir
+from .schedule import STATE_JSON, check_plan
 from .teacher import TEACHERS
 
 
@@ -52,21 +56,23 @@ def _add_ppl_args(
         parser.add_argument("--bf16", action="store_true", help="bf16 autocast for evaluation (CPU and GPU)")
 
 
-CHOICES = {"criterion": sorted(CRITERIA), "allocation": list(ALLOCATIONS), "teacher": list(TEACHERS)}
+CHOICES = {"criterion": sorted(CRITERIA), "allocation": list(ALLOCATIONS), "teacher": list(TEACHERS),
+           "importance": list(IMPORTANCES)}
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    """One option per PruneConfig field, its help taken from the field."""
-    group = parser.add_argument_group("pruning")
-    criteria = "; ".join(f"{c.name}: {c.description}" for c in CRITERIA.values())
-    for f in fields(PruneConfig):
+def _add_dataclass_args(parser: argparse.ArgumentParser, config_class, title: str, extra_help: dict | None = None):
+    """One option per field of a config dataclass (PruneConfig, FinetuneConfig), its help taken from the field."""
+    group = parser.add_argument_group(title)
+    for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"] + (f" ({criteria})" if f.name == "criterion" else "")
+        help_text = f.metadata["help"] + (extra_help or {}).get(f.name, "")
         if f.type == "bool":
-            group.add_argument(flag, action="store_true", help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
-        kind = {"int": int, "str": str}.get(f.type, float)
-        group.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name), help=help_text)
+        kind = {"int": int, "float": float, "str": str}[f.type.split("|")[0].strip()]
+        required = f.default is MISSING
+        group.add_argument(flag, type=kind, required=required, default=None if required else f.default,
+                           choices=CHOICES.get(f.name), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_args(p)
-    _add_config_args(p)
+    criteria = "; ".join(f"{c.name}: {c.description}" for c in CRITERIA.values())
+    _add_dataclass_args(p, PruneConfig, "pruning", {"criterion": f" ({criteria})"})
     calib = p.add_argument_group("calibration (criteria that need data)")
     calib.add_argument("--calib", default="c4",
                        help="a .txt/.jsonl file or directory, a dataset name (c4, wikitext2), or 'self' "
@@ -102,15 +109,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ppl_args(p, default_data="wikitext2", default_tokens=16384, bf16_flag=False)
 
     e = commands.add_parser(
-        "eval", help="perplexity of a model",
-        description="Perplexity over non-overlapping windows. Example: "
-                    "sdmprune eval --model runs/smollm2-p20 --ppl-data wikitext2 --max-tokens 16384",
+        "eval", help="perplexity and zero-shot tasks of a model (or of a LoRA adapter directory)",
+        description="Perplexity over non-overlapping windows (--ppl-data, default wikitext2 unless --tasks) and "
+                    "zero-shot tasks through lm-evaluation-harness (--tasks). Examples: "
+                    "sdmprune eval --model runs/smollm2-p20 --ppl-data wikitext2 --max-tokens 16384; "
+                    "sdmprune eval --model runs/smollm2-p20 --tasks sdmprune --limit 200 --output runs/p20-eval",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_args(e)
-    _add_ppl_args(e, default_data="wikitext2", default_tokens=0)
+    _add_ppl_args(e, default_data=None, default_tokens=0)
+    e.add_argument("--tasks", default=None,
+                   help=f"comma-separated zero-shot tasks; with --data-dir / $SDMPRUNE_DATA_DIR the shipped local "
+                        f"ones ({', '.join(ALL_TASKS)}; 'sdmprune' = the paper's 10, 'all' = all 12), else any "
+                        "task the harness knows (online)")
+    e.add_argument("--limit", type=int, default=None, help="--tasks: evaluate only the first N items of each task")
     e.add_argument("--output", default=None,
-                   help="results JSON path (default: eval-<data>.json inside a local model directory)")
+                   help="perplexity only: results JSON path (default: eval-<data>.json inside a local model "
+                        "directory); with --tasks: directory for results.json and results.md (default: "
+                        "eval-tasks/ inside a local model directory)")
+
+    f = commands.add_parser(
+        "finetune", help="LoRA recovery of a (pruned) model on instruction data",
+        description="LoRA fine-tuning on Alpaca-format instruction data (prompt masked, EOS appended), optionally "
+                    "distilling from the dense original (--kd). Writes the adapter, loss.json/.png, recovery.json "
+                    "and with --merge a standalone merged/ model. Example: sdmprune finetune --model runs/p20 "
+                    "--data ../shared/data/instruct/alpaca_data_1k.json --epochs 1 --merge --output runs/p20-lora",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_args(f)
+    _add_dataclass_args(f, FinetuneConfig, "recovery")
+    f.add_argument("--output", required=True, help="directory to write the adapter (and merged/) to (must not exist)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    f.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the checkpoint saved in --output (same settings)")
 
     i = commands.add_parser(
         "inspect", help="layers, widths and parameter counts of a model",
@@ -166,6 +197,7 @@ def run_prune(args) -> None:
     model, tokenizer = _load(args)
     windows = _ppl_windows(args, model, tokenizer)
     before_count = count_parameters(model)
+    check_plan(model, config)
     evaluation = {}
     if windows is not None:
         evaluation["before"] = _ppl(args, model, tokenizer, windows)
@@ -200,20 +232,55 @@ def run_prune(args) -> None:
 
 
 def run_eval(args) -> None:
-    model, tokenizer = _load(args)
-    windows = _ppl_windows(args, model, tokenizer)
-    if windows is None:
-        raise SdmpruneError("nothing to evaluate: pass --ppl-data")
-    result = {"model": args.model, "perplexity": _ppl(args, model, tokenizer, windows)}
-    ppl = result["perplexity"]
-    print(f"perplexity {ppl['ppl']:.3f} on {args.ppl_data} ({ppl['tokens']} tokens, windows of {ppl['seq_len']}, "
-          f"{ppl['tokens_per_s']:.0f} tokens/s)")
+    names = parse_task_names(args.tasks) if args.tasks else None
+    if args.ppl_data is None:
+        args.ppl_data = "none" if names else "wikitext2"
     output = args.output
     if output is None and Path(args.model).is_dir():
-        output = Path(args.model) / f"eval-{Path(args.ppl_data).stem}.json"
+        output = Path(args.model) / ("eval-tasks" if names else f"eval-{Path(args.ppl_data).stem}.json")
+    if names and output is None:
+        raise SdmpruneError("--tasks writes results.json and results.md: pass --output DIR")
+    if args.limit is not None and args.limit < 1:
+        raise SdmpruneError(f"--limit must be at least 1, got {args.limit}")
+    selection = resolve_tasks(names, args.data_dir) if names else None  # fail before loading the model
+    if is_adapter_dir(args.model):
+        model, tokenizer = load_adapter(args.model, dtype=args.dtype, device=args.device,
+                                        trust_remote_code=args.trust_remote_code)
+    else:
+        model, tokenizer = _load(args)
+    windows = _ppl_windows(args, model, tokenizer)
+    if windows is None and not names:
+        raise SdmpruneError("nothing to evaluate: pass --ppl-data or --tasks")
+    result = {"model": args.model}
+    if windows is not None:
+        result["perplexity"] = ppl = _ppl(args, model, tokenizer, windows)
+        print(f"perplexity {ppl['ppl']:.3f} on {args.ppl_data} ({ppl['tokens']} tokens, windows of "
+              f"{ppl['seq_len']}, {ppl['tokens_per_s']:.0f} tokens/s)")
+    if names:
+        result |= evaluate_tasks(model, tokenizer, selection, limit=args.limit, batch_size=args.batch_size,
+                                 bf16=args.bf16)
+        for name, r in result["tasks"].items():
+            print(f"{name:15s} {r['metric']:15s} {100 * r['value']:6.2f}  (n={r['n']})")
+        if result["average"] is not None:
+            print(f"{'average (10)':31s} {100 * result['average']:6.2f}")
+        write_results(result, output, title=f"Zero-shot results: {args.model}")
+        print(f"wrote {output}/results.json and results.md ({result['seconds']:.0f} s)")
+        return
     if output is not None:
         Path(output).write_text(json.dumps(result, indent=1))
         print(f"wrote {output}")
+
+
+def run_finetune(args) -> None:
+    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
+    record = finetune(args.model, args.output, config, dtype=args.dtype, device=args.device,
+                      trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, resume=args.resume)
+    teacher = f", KD from {record['teacher']}" if config.kd else ""
+    print(f"\n{args.model} -> {args.output}  (LoRA r={config.lora_r}{teacher})")
+    print(f"{record['steps']} steps ({record['epochs']:.2f} epochs of {record['examples']} examples), "
+          f"{record['tokens']:,} tokens in {record['seconds']:.0f} s ({record['tokens_per_s']:.0f} tokens/s); "
+          f"final loss {record['final_loss']:.4f}")
+    print(f"wrote {args.output}/ (adapter, loss.json, loss.png, recovery.json{', merged/' if config.merge else ''})")
 
 
 def run_inspect(args) -> None:
@@ -251,7 +318,7 @@ def run_inspect(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"prune": run_prune, "eval": run_eval, "inspect": run_inspect}[args.command](args)
+        {"prune": run_prune, "eval": run_eval, "finetune": run_finetune, "inspect": run_inspect}[args.command](args)
     except SdmpruneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -50,10 +50,29 @@ def _resize_mlp(architecture: Architecture, mlp: nn.Module, index: torch.Tensor,
     down.in_features = width
 
 
+def _store_down_bias(architecture: Architecture, model: PreTrainedModel, biases: list[torch.Tensor | None]) -> None:
+    """Turn the masks' down_proj biases into real biases via the config's MLP-bias flag (gate/up biases zero)."""
+    if architecture.bias_key is None:
+        raise SdmpruneError(f"'{model.config.model_type}' has no MLP-bias option to store the compensation bias "
+                            "in: prune without bias compensation (--no-bias-compensation)")
+    setattr(model.config, architecture.bias_key, True)
+    for mlp, bias in zip(architecture.mlps(model), biases, strict=True):
+        gate, up, down = architecture.projections(mlp)
+        weight = down.weight
+        for linear in (gate, up):
+            if linear.bias is None:
+                linear.bias = nn.Parameter(weight.new_zeros(linear.out_features), requires_grad=weight.requires_grad)
+        total = weight.new_zeros(down.out_features) if down.bias is None else down.bias.detach()
+        if bias is not None:
+            total = total + bias.to(device=weight.device, dtype=weight.dtype)
+        down.bias = nn.Parameter(total, requires_grad=weight.requires_grad)
+
+
 def slice_model(model: PreTrainedModel, masks: NeuronMasks, *, padded: bool = False) -> list[int]:
     """Remove the masked neurons from `model` in place and detach the masks; returns the stored widths.
 
-    With `padded`, layers narrower than the widest are zero-padded to its width.
+    With `padded`, layers narrower than the widest are zero-padded to its width. A compensation
+    bias held by the masks becomes down_proj's bias.
     """
     architecture = get_architecture(model)
     widths = masks.widths
@@ -61,6 +80,8 @@ def slice_model(model: PreTrainedModel, masks: NeuronMasks, *, padded: bool = Fa
     for mlp, keep in zip(architecture.mlps(model), masks.keep, strict=True):
         index = torch.nonzero(keep).flatten()
         _resize_mlp(architecture, mlp, index, width_max if padded else index.numel())
+    if any(bias is not None for bias in masks.down_bias):
+        _store_down_bias(architecture, model, masks.down_bias)
     masks.remove()
     setattr(model.config, architecture.width_key, width_max)
     return [width_max] * len(widths) if padded else widths

@@ -1,7 +1,9 @@
 """Neuron masks over MLP widths, applied by hooks without copying weights, and parameter counting.
 
 A neuron i of layer l is row i of W_gate and W_up and column i of W_down. Zeroing the input of
-down_proj at i is exactly removing the neuron, so a mask is a forward pre-hook on down_proj.
+down_proj at i is exactly removing the neuron, so a mask is a forward pre-hook on down_proj. An
+optional per-layer bias (FLAP's compensation for the removed neurons' mean output) is added to
+down_proj's output by a forward hook, and switched off with the masks.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class NeuronMasks:
         if len(keep) != len(downs):
             raise ValueError(f"{len(keep)} masks for {len(downs)} layers")
         self.keep: list[torch.Tensor] = []
+        self.down_bias: list[torch.Tensor | None] = [None] * len(downs)  # (H,) each, or None
         self.enabled = True
         self._handles = []
         for layer, (down, mask) in enumerate(zip(downs, keep, strict=True)):
@@ -40,6 +43,7 @@ class NeuronMasks:
                 raise ValueError(f"layer {layer}: mask shape {tuple(mask.shape)} != ({down.in_features},)")
             self.keep.append(mask.to(device=down.weight.device, dtype=torch.bool))
             self._handles.append(down.register_forward_pre_hook(self._hook(layer)))
+            self._handles.append(down.register_forward_hook(self._bias_hook(layer)))
 
     def _hook(self, layer: int):
         def apply(module: nn.Module, args: tuple[torch.Tensor, ...]):
@@ -49,6 +53,15 @@ class NeuronMasks:
             return (x * self.keep[layer].to(x.dtype),) + args[1:]
 
         return apply
+
+    def _bias_hook(self, layer: int):
+        def add(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
+            bias = self.down_bias[layer]
+            if not self.enabled or bias is None:
+                return None
+            return output + bias.to(output.dtype)
+
+        return add
 
     def update(self, keep: Sequence[torch.Tensor]) -> None:
         """Replace the masks (e.g. after another pruning step); shapes must match."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from .allocation import ALLOCATIONS, check_ratio
 from .criteria import get_criterion
+from .criteria.sdmprune import IMPORTANCES
 from .errors import SdmpruneError
 from .masks import NeuronMasks
 from .schedule import run_schedule
@@ -29,7 +30,7 @@ def _help(text: str) -> dict:
 class PruneConfig:
     """Settings of a pruning run; each field's help is the CLI's help (`--field-name`)."""
 
-    criterion: str = field(default="magnitude", metadata=_help("importance criterion"))
+    criterion: str = field(default="sdmprune", metadata=_help("importance criterion"))
     ratio: float | None = field(default=None, metadata=_help(
         "fraction of TOTAL parameters to remove, taken from MLP neurons (e.g. 0.2)"))
     mlp_ratio: float | None = field(default=None, metadata=_help("fraction of MLP neurons to remove instead"))
@@ -47,6 +48,12 @@ class PruneConfig:
         "sdmprune: teacher temperature T (default: official value for the nearest ratio)"))
     cold_start: float = field(default=0.025, metadata=_help(
         "sdmprune: fraction of MLP width pruned by the cross-entropy cold start"))
+    importance: str = field(default="weight", metadata=_help(
+        "sdmprune: weight = the paper's weight-space Taylor | activation = sum over tokens of |a*dL/da| at the "
+        "neuron's output | fisher = sum over tokens of (a*dL/da)^2 | activation-wanda = geometric mean of "
+        "activation and structured Wanda's score"))
+    bias_compensation: bool = field(default=True, metadata=_help(
+        "flap: add the removed neurons' mean output to a down_proj bias (exported via the config's mlp_bias)"))
     micro_batch: int = field(default=1, metadata=_help(
         "calibration windows per backward pass (sdmprune takes |.| per micro-batch; official: 1)"))
     bf16: bool = field(default=False, metadata=_help(
@@ -57,6 +64,8 @@ class PruneConfig:
         get_criterion(self.criterion)
         if self.allocation not in ALLOCATIONS:
             raise SdmpruneError(f"unknown allocation '{self.allocation}': choose {', '.join(ALLOCATIONS)}")
+        if self.importance not in IMPORTANCES:
+            raise SdmpruneError(f"unknown importance '{self.importance}': choose {', '.join(IMPORTANCES)}")
         if self.teacher not in TEACHERS:
             raise SdmpruneError(f"unknown teacher '{self.teacher}': choose {', '.join(TEACHERS)}")
         if (self.ratio is None) == (self.mlp_ratio is None):

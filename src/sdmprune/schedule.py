@@ -23,6 +23,7 @@ from .allocation import achieved, allocate_widths, keep_top, kept_budget
 from .criteria import ScoringContext, compute_scores, get_criterion
 from .errors import SdmpruneError
 from .masks import NeuronMasks, ParameterCount, count_parameters
+from .models.architectures import get_architecture
 from .teacher import MasksOffTeacher, copy_teacher_before_masking
 
 # Official SDMPrune (α, T) per target ratio of total parameters (METHOD.md); the nearest is used.
@@ -64,6 +65,16 @@ def plan_steps(config, count: ParameterCount) -> list[Step]:
         alpha, temperature = distillation_settings(config, count, target)
     for k in range(1, config.steps + 1):
         steps.append(Step("prune", start + (target - start) * k / config.steps, alpha, temperature))
+    return steps
+
+
+def check_plan(model: nn.Module, config) -> list[Step]:
+    """The steps of the run, failing before any work if the target is out of reach (`global` needs
+    scores to allocate, and shares `uniform`'s bound)."""
+    count = count_parameters(model)
+    steps = plan_steps(config, count)
+    early_check = "uniform" if config.allocation == "global" else config.allocation
+    allocate_widths(count, steps[-1].budget, allocation=early_check, width_multiple=config.width_multiple)
     return steps
 
 
@@ -114,10 +125,11 @@ def run_schedule(
 ) -> tuple[NeuronMasks, dict]:
     """Run every step of the plan on `model` (masks attached), resuming from `state_dir` if asked."""
     count = count_parameters(model)
-    steps = plan_steps(config, count)
-    # Fail before any work when the target is out of reach (`global` needs scores; `uniform` has the same bound).
-    early_check = "uniform" if config.allocation == "global" else config.allocation
-    allocate_widths(count, steps[-1].budget, allocation=early_check, width_multiple=config.width_multiple)
+    steps = check_plan(model, config)
+    criterion = get_criterion(config.criterion)
+    if criterion.compensate is not None and config.bias_compensation and get_architecture(model).bias_key is None:
+        raise SdmpruneError(f"'{model.config.model_type}' has no MLP-bias option to store {config.criterion}'s "
+                            "compensation bias in: pass --no-bias-compensation")
     needs_teacher = any(s.alpha > 0 for s in steps)
     copy_teacher = copy_teacher_before_masking(model, config.teacher) if needs_teacher else None
     torch.manual_seed(config.seed)
@@ -129,9 +141,8 @@ def run_schedule(
     if resume and state.exists():
         done, keep, log = state.load(config_dict)
         masks.update(keep)
-    criterion = get_criterion(config.criterion)
     context = ScoringContext(model, masks, calibration, config.seed, teacher=teacher,
-                             micro_batch=config.micro_batch, bf16=config.bf16)
+                             micro_batch=config.micro_batch, bf16=config.bf16, importance=config.importance)
     for index, step in enumerate(steps[done:], start=done):
         start = time.perf_counter()
         context.alpha, context.temperature = step.alpha, step.temperature
@@ -142,7 +153,7 @@ def run_schedule(
         log.append({"step": index + 1, "stage": step.stage, "alpha": step.alpha, "temperature": step.temperature,
                     "widths": widths, "seconds": round(time.perf_counter() - start, 3)})
         state.save(config_dict, index + 1, masks, scores, log)
-    if criterion.compensate is not None:
+    if criterion.compensate is not None and config.bias_compensation:
         criterion.compensate(context)
     report = {
         "method": config.criterion,

@@ -31,6 +31,7 @@ class ScoringContext:
     temperature: float = 1.0  # applied to the teacher's logits
     micro_batch: int = 1  # windows per backward pass (SDMPrune takes |.| per micro-batch)
     bf16: bool = False  # bf16 autocast for the forward/backward passes
+    importance: str = "weight"  # sdmprune: weight-space Taylor (the paper) or an activation-space variant
 
 
 @dataclass(frozen=True)
@@ -81,4 +82,4 @@ def compute_scores(name: str, context: ScoringContext) -> list[torch.Tensor]:
     return result
 
 
-from . import magnitude, random, sdmprune, taylor  # noqa: E402,F401  (modules register themselves)
+from . import flap, magnitude, random, sdmprune, taylor, wanda_sp  # noqa: E402,F401  (modules register themselves)

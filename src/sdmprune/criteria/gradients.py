@@ -1,4 +1,4 @@
-"""Backward passes over calibration windows with gradients on the MLP weights only."""
+"""Backward passes over calibration windows: gradients on the MLP weights only, or on activations only."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def loss_backward_passes(context: ScoringContext, description: str) -> Iterator[
     batches = ids_all.split(context.micro_batch)
     for batch in tqdm(batches, desc=description, unit="batch", leave=False):
         ids = batch.to(device)
-        teacher_logits = context.teacher.logits(ids) if context.alpha > 0 else None
         with autocast_context(device, context.bf16):
+            teacher_logits = context.teacher.logits(ids) if context.alpha > 0 else None
             logits = context.model(input_ids=ids, use_cache=False).logits
         loss = self_distillation_loss(logits, teacher_logits, ids, context.alpha, context.temperature)
         if not torch.isfinite(loss):
@@ -65,3 +65,44 @@ def loss_backward_passes(context: ScoringContext, description: str) -> Iterator[
             )
         loss.backward()
         yield ids.shape[0]
+
+
+
+def activation_gradient_passes(
+    context: ScoringContext, description: str
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per micro-batch, per layer: the down_proj input `a` and `∂L/∂a`, both (tokens, I).
+
+    `a` is each neuron's output (after the masks). No parameter gradient is computed: the only leaf
+    requiring grad is the embeddings' output, so the backward pass costs about a third less than
+    one with weight gradients.
+    """
+    architecture = context.masks.architecture
+    model = context.model
+    downs = [architecture.projections(mlp)[2] for mlp in architecture.mlps(model)]
+    captured: list[torch.Tensor | None] = [None] * len(downs)
+
+    def capture(layer: int):
+        def hook(module, args):
+            if args[0].requires_grad:  # not the masks-off teacher's pass
+                args[0].retain_grad()
+                captured[layer] = args[0]
+
+        return hook
+
+    def embeddings_require_grad(module, args, output):
+        return output.detach().requires_grad_(True)
+
+    previous = {param: param.requires_grad for param in model.parameters()}
+    model.requires_grad_(False)
+    handles = [down.register_forward_pre_hook(capture(layer)) for layer, down in enumerate(downs)]
+    handles.append(model.get_input_embeddings().register_forward_hook(embeddings_require_grad))
+    try:
+        for _ in loss_backward_passes(context, description):
+            yield [(a.detach().flatten(0, -2), a.grad.flatten(0, -2)) for a in captured]
+            captured = [None] * len(downs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, flag in previous.items():
+            param.requires_grad_(flag)

@@ -6,6 +6,13 @@ The three products are added at aligned positions before the absolute value, the
 taken per micro-batch n (batch size 1 in the official code), and the score is the mean over the hidden
 index j. The loss is `(1-α)·CE + α·KL(softmax(z_t/T) || softmax(z_s))`; the schedule runs a cold start
 with α = 0 before the distillation stage (see schedule.py).
+
+Beyond the paper, `importance` scores in activation space instead, from the neuron's output a (the
+down_proj input) and g = ∂L/∂a under the same loss, over calibration tokens t:
+- `activation`: Σ_t |a_t·g_t|, the first-order estimate of the loss change from removing the neuron at t;
+- `fisher`: Σ_t (a_t·g_t)², its empirical-Fisher second-order counterpart;
+- `activation-wanda`: the geometric mean of `activation` and structured Wanda's ‖a‖₂·mean|W_down[:, i]|,
+  which joins the distillation gradient with the activation statistics Wanda relies on.
 """
 
 from __future__ import annotations
@@ -13,16 +20,45 @@ from __future__ import annotations
 import torch
 
 from . import ScoringContext, register_criterion
-from .gradients import gradients_on_mlp_only, loss_backward_passes, mlp_weights
+from .gradients import activation_gradient_passes, gradients_on_mlp_only, loss_backward_passes, mlp_weights
+
+ACTIVATION_IMPORTANCES = ("activation", "fisher", "activation-wanda")
+IMPORTANCES = ("weight", *ACTIVATION_IMPORTANCES)
+
+
+def activation_importance(context: ScoringContext, description: str) -> list[torch.Tensor]:
+    """Scores from one pass of (a, ∂L/∂a) pairs, per `context.importance` (see the module docstring)."""
+    first_order = second_order = squares = None
+    for pairs in activation_gradient_passes(context, description):
+        products = [a.float() * g.float() for a, g in pairs]  # (tokens, I) each
+        batch = ([p.abs().sum(0) for p in products], [p.pow(2).sum(0) for p in products],
+                 [a.float().pow(2).sum(0) for a, _ in pairs])
+        if first_order is None:
+            first_order, second_order, squares = batch
+        else:
+            for total, part in zip((first_order, second_order, squares), batch, strict=True):
+                for layer, value in enumerate(part):
+                    total[layer] += value
+    if context.importance == "activation":
+        return first_order
+    if context.importance == "fisher":
+        return second_order
+    architecture = context.masks.architecture
+    downs = [architecture.projections(mlp)[2].weight.detach().float() for mlp in architecture.mlps(context.model)]
+    return [(taylor * sq.sqrt() * down.abs().mean(0)).sqrt()
+            for taylor, sq, down in zip(first_order, squares, downs, strict=True)]
 
 
 @register_criterion("sdmprune", needs_calibration=True)
 def sdmprune(context: ScoringContext) -> list[torch.Tensor]:
     """SDMPrune: Taylor importance under the self-distillation loss, |.| per sample, mean over hidden."""
+    description = f"sdmprune α={context.alpha:g} T={context.temperature:g}"
+    if context.importance in ACTIVATION_IMPORTANCES:
+        return activation_importance(context, description)
     weights = mlp_weights(context)
     scores = [torch.zeros(gate.shape[0], dtype=torch.float32, device=gate.device) for gate, _, _ in weights]
     with gradients_on_mlp_only(context.model, weights):
-        for _ in loss_backward_passes(context, f"sdmprune α={context.alpha:g} T={context.temperature:g}"):
+        for _ in loss_backward_passes(context, description):
             with torch.no_grad():
                 for score, (gate, up, down) in zip(scores, weights, strict=True):
                     product = gate.grad * gate + up.grad * up + (down.grad * down).T  # (I, H)

@@ -1,5 +1,6 @@
-"""Evaluation: perplexity (and, later, zero-shot tasks)."""
+"""Evaluation: perplexity, and zero-shot tasks through lm-evaluation-harness."""
 
 from .perplexity import perplexity, tokenize_windows
+from .tasks import evaluate_tasks
 
-__all__ = ["perplexity", "tokenize_windows"]
+__all__ = ["evaluate_tasks", "perplexity", "tokenize_windows"]

@@ -61,29 +61,32 @@ def perplexity(
 ) -> dict:
     """Perplexity of `model` on `text` (a string, or (n, seq_len) ids from `tokenize_windows`).
 
-    Returns {"ppl", "nll", "tokens" (predicted tokens), "windows", "seq_len", "seconds", "tokens_per_s"}.
+    Returns {"ppl", "nll", "nll_stderr", "window_nll", "tokens" (predicted tokens), "windows", "seq_len",
+    "seconds", "tokens_per_s"}; `window_nll` is each window's mean NLL (nats) and `nll_stderr` the standard
+    error of their mean (evaluation noise).
     """
     windows = text if isinstance(text, torch.Tensor) else tokenize_windows(tokenizer, text, seq_len, max_tokens, model)
     device = next(model.parameters()).device
-    total_nll, predicted = 0.0, 0
+    window_nll = []
     start = time.perf_counter()
     batches = windows.split(batch_size)
     for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
         batch = batch.to(device)
         with autocast_context(device, bf16):
             logits = model(input_ids=batch, use_cache=False).logits
-        nll = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-        )
-        total_nll += nll.item()
-        predicted += batch[:, 1:].numel()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none")  # (B, S-1)
+        window_nll.append(nll.mean(1).double().cpu())
     seconds = time.perf_counter() - start
-    mean_nll = total_nll / predicted
+    window_nll = torch.cat(window_nll)
+    mean_nll = window_nll.mean().item()  # every window predicts seq_len - 1 tokens: the mean over tokens
+    predicted = windows.shape[0] * (windows.shape[1] - 1)
     if not math.isfinite(mean_nll):
         raise SdmpruneError("perplexity is not finite: the model produced inf/nan logits (try --dtype float32)")
     return {
         "ppl": math.exp(mean_nll),
         "nll": mean_nll,
+        "nll_stderr": window_nll.std().item() / math.sqrt(len(window_nll)) if len(window_nll) > 1 else 0.0,
+        "window_nll": window_nll.tolist(),
         "tokens": predicted,
         "windows": windows.shape[0],
         "seq_len": windows.shape[1],

@@ -23,6 +23,7 @@ class Architecture:
     up: str = "up_proj"
     down: str = "down_proj"
     width_key: str = "intermediate_size"  # config field holding the MLP width
+    bias_key: str | None = None  # boolean config field giving gate/up/down biases, if the architecture has one
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -46,7 +47,8 @@ def register(model_type: str, architecture: Architecture) -> None:
 
 
 # SmolLM and SmolLM2 are LlamaForCausalLM checkpoints.
-for _model_type in ("llama", "mistral", "qwen2", "qwen3"):
+register("llama", Architecture(bias_key="mlp_bias"))
+for _model_type in ("mistral", "qwen2", "qwen3"):
     register(_model_type, Architecture())
 
 

@@ -1,0 +1,292 @@
+"""Quality benchmark: perplexity of the bundled SmolLM2-135M pruned by every method, no recovery training.
+
+Regenerate everything (about 2 h on a 2-core CPU; runs already in the results file are skipped):
+
+    SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py
+
+A subset, e.g. one method at one ratio:
+
+    SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py --methods sdmprune --ratios 0.2 --seeds 0
+
+Every (method, ratio, seed) prunes with the C4 calibration windows of that seed (the same windows for
+every method), then measures WikiText-2 test and C4 held-out perplexity on fixed windows. Records
+accumulate in bench/results/quality.json; quality.md (mean ± sample std over seeds, and paired
+differences against the best baseline) and quality.png are rebuilt from it after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sdmprune import load_model, perplexity, prune
+from sdmprune.data import load_calibration, load_text
+from sdmprune.evaluation.perplexity import tokenize_windows
+
+RESULTS = Path(__file__).parent / "results"
+
+# Name -> PruneConfig settings. The first six are the paper's comparison (each baseline as its authors
+# define its score, all with the paper's uniform allocation); the rest are our variants of SDMPrune.
+METHODS: dict[str, dict] = {
+    "random": {"criterion": "random"},
+    "magnitude": {"criterion": "magnitude"},
+    "wanda-sp": {"criterion": "wanda-sp"},
+    "taylor": {"criterion": "taylor"},
+    "flap": {"criterion": "flap"},
+    "sdmprune": {"criterion": "sdmprune"},
+    "sdmprune-activation": {"criterion": "sdmprune", "importance": "activation"},
+    "sdmprune-fisher": {"criterion": "sdmprune", "importance": "fisher"},
+    "sdmprune-activation-wanda": {"criterion": "sdmprune", "importance": "activation-wanda"},
+}
+BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap")
+SEED_FREE = ("magnitude",)  # no calibration data and no randomness: one seed says everything
+EVAL_SETS = {"wikitext2": "WikiText-2 test", "c4": "C4 held-out"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4],
+                        help="fractions of total parameters removed")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration (and method) seeds")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib-samples", type=int, default=32, help="C4 calibration windows per run")
+    parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="first N tokens of each evaluation text")
+    parser.add_argument("--eval-seq-len", type=int, default=512, help="perplexity window length")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="run scoring and evaluation in fp32 (default: bf16 autocast, 1.5x faster on CPU)")
+    parser.add_argument("--results", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument("--force", action="store_true", help="re-run records already in the results file")
+    return parser.parse_args(argv)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What every record of one results file shares; a run with other settings needs another file."""
+    return {
+        "model": args.model,
+        "calibration": {"source": "c4 (../shared/data/c4/c4_en_train00000_first1000.jsonl)",
+                        "samples": args.calib_samples, "seq_len": args.calib_seq_len,
+                        "tokens": args.calib_samples * args.calib_seq_len},
+        "evaluation": {"seq_len": args.eval_seq_len, "max_tokens": args.eval_tokens,
+                       "sets": {"wikitext2": "wikitext2_raw/wiki.test.raw",
+                                "c4": "c4/c4_en_sample300_llamafactory.jsonl"}},
+        "bf16": args.bf16,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def load_results(path: Path, expected: dict) -> dict:
+    if not path.is_file():
+        return {"settings": expected, "records": {}}
+    results = json.loads(path.read_text())
+    if results["settings"] != expected:
+        sys.exit(f"{path} was made with other settings ({results['settings']}); pass another --results")
+    return results
+
+
+def save_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def evaluate(model, tokenizer, windows: dict[str, torch.Tensor], bf16: bool) -> dict:
+    results = {}
+    for name, ids in windows.items():
+        result = perplexity(model, tokenizer, ids, bf16=bf16, progress=False)
+        results[name] = {k: result[k] for k in ("ppl", "nll", "nll_stderr", "window_nll", "tokens", "seconds")}
+    return results
+
+
+def run_one(args, method: str, ratio: float, seed: int, windows: dict) -> dict:
+    model, tokenizer = load_model(args.model)
+    config = {**METHODS[method], "ratio": ratio, "seed": seed, "bf16": args.bf16}
+    calibration, summary = load_calibration("c4", tokenizer, n_samples=args.calib_samples,
+                                            seq_len=args.calib_seq_len, seed=seed, model=model)
+    start = time.perf_counter()
+    result = prune(model, calibration=calibration, calibration_summary=summary, **config)
+    seconds = time.perf_counter() - start
+    return {
+        "method": method, "ratio": ratio, "seed": seed, "config": config,
+        "achieved": result.report["achieved"], "width": result.masks.widths[0],
+        "prune_seconds": round(seconds, 1),
+        "ppl": evaluate(model, tokenizer, windows, args.bf16),
+    }
+
+
+def summarise(records: dict) -> dict:
+    """(method, ratio) -> {eval set: {"mean", "std", "n", "values"}}."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for record in records.values():
+        groups.setdefault((record["method"], record["ratio"]), []).append(record)
+    summary = {}
+    for key, group in groups.items():
+        group.sort(key=lambda r: r["seed"])
+        summary[key] = {}
+        for name in EVAL_SETS:
+            values = [r["ppl"][name]["ppl"] for r in group]
+            summary[key][name] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "n": len(values),
+                "values": values,
+                "seeds": [r["seed"] for r in group],
+                # evaluation noise: relative PPL error from the window-to-window spread of the NLL
+                "eval_rel_err": statistics.fmean(math.expm1(r["ppl"][name]["nll_stderr"]) for r in group),
+            }
+    return summary
+
+
+def best_baseline(summary: dict, ratio: float, name: str) -> str | None:
+    candidates = [m for m in BASELINES if (m, ratio) in summary]
+    return min(candidates, key=lambda m: summary[(m, ratio)][name]["mean"]) if candidates else None
+
+
+def paired_difference(records: dict, method: str, baseline: str, ratio: float, name: str) -> dict | None:
+    """PPL(method) - PPL(baseline) over shared seeds (same calibration windows, same evaluation windows).
+
+    {"mean", "std" (over seeds), "n", "eval_rel_err"}: the last is the evaluation noise of the difference,
+    the standard error of the mean per-window NLL difference as a relative PPL error, averaged over seeds.
+    """
+    by_seed: dict[int, dict[str, dict]] = {}
+    for record in records.values():
+        if record["ratio"] == ratio and record["method"] in (method, baseline):
+            by_seed.setdefault(record["seed"], {})[record["method"]] = record["ppl"][name]
+    # a seed-free baseline (magnitude) is paired with every seed of the method
+    if baseline in SEED_FREE:
+        fixed = next((pair[baseline] for pair in by_seed.values() if baseline in pair), None)
+        by_seed = {seed: {**pair, baseline: fixed} for seed, pair in by_seed.items() if fixed and method in pair}
+    pairs = [pair for pair in by_seed.values() if len(pair) == 2]
+    if not pairs:
+        return None
+    diffs = [pair[method]["ppl"] - pair[baseline]["ppl"] for pair in pairs]
+    noise = []
+    for pair in pairs:
+        window_diff = [a - b for a, b in zip(pair[method]["window_nll"], pair[baseline]["window_nll"], strict=True)]
+        noise.append(math.expm1(statistics.stdev(window_diff) / math.sqrt(len(window_diff))))
+    return {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "n": len(diffs), "eval_rel_err": statistics.fmean(noise)}
+
+
+def markdown(results: dict) -> str:
+    records, meta = results["records"], results["settings"]
+    summary = summarise(records)
+    ratios = sorted({ratio for _, ratio in summary})
+    methods = [m for m in METHODS if any((m, r) in summary for r in ratios)]
+    dense = results.get("dense", {})
+    calib, evaluation = meta["calibration"], meta["evaluation"]
+    lines = [
+        "# Quality benchmark: SmolLM2-135M-Instruct, MLP neurons pruned, no recovery",
+        "",
+        f"Calibration: {calib['samples']} windows × {calib['seq_len']} tokens ({calib['tokens']:,} tokens) from "
+        f"{calib['source']}, drawn per seed; every method sees the same windows for a seed. Evaluation: first "
+        f"{evaluation['max_tokens']:,} tokens of each set, non-overlapping windows of {evaluation['seq_len']}. "
+        f"bf16 autocast: {meta['bf16']}. Cells: mean ± sample std of PPL over seeds (n = seeds); "
+        "`ev±` is the evaluation noise (relative PPL error from the spread across windows).",
+        "",
+        "Command: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py`",
+        "",
+    ]
+    if dense:
+        lines += ["Dense: " + ", ".join(f"{EVAL_SETS[n]} {dense[n]['ppl']:.2f}" for n in EVAL_SETS), ""]
+    for name, title in EVAL_SETS.items():
+        lines += [f"## {title} perplexity", "", "| method | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for method in methods:
+            cells = []
+            for ratio in ratios:
+                cell = summary.get((method, ratio), {}).get(name)
+                cells.append("" if cell is None else f"{cell['mean']:.2f} ± {cell['std']:.2f} (n={cell['n']})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        noise = [cell[name]["eval_rel_err"] for cell in summary.values()]
+        lines += ["", "Absolute evaluation noise (window-to-window spread, the same windows for every model): "
+                  f"{min(noise):.1%}–{max(noise):.1%} of PPL; differences between models are far less noisy "
+                  "(below).", ""]
+        lines += [f"Paired difference to the best baseline (same seeds), {title}: PPL(method) − PPL(baseline), "
+                  "mean ± std over seeds; ev± is the evaluation noise of the difference (relative, from the "
+                  "per-window NLL differences).", "",
+                  "| method | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for method in methods:
+            if method in BASELINES:
+                continue
+            cells = []
+            for ratio in ratios:
+                baseline = best_baseline(summary, ratio, name)
+                diff = paired_difference(records, method, baseline, ratio, name) if baseline else None
+                cells.append("" if diff is None else f"{diff['mean']:+.2f} ± {diff['std']:.2f} vs {baseline} "
+                             f"(n={diff['n']}, ev±{diff['eval_rel_err']:.1%})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarise(results["records"])
+    figure, axes = plt.subplots(1, len(EVAL_SETS), figsize=(12, 4.5))
+    for axis, (name, title) in zip(axes, EVAL_SETS.items(), strict=True):
+        for method in METHODS:
+            points = sorted((ratio, cell[name]) for (m, ratio), cell in summary.items() if m == method)
+            if not points or method == "random":
+                continue
+            axis.errorbar([100 * r for r, _ in points], [c["mean"] for _, c in points],
+                          yerr=[c["std"] for _, c in points], marker="o", capsize=3, label=method,
+                          linestyle="--" if method in BASELINES else "-")
+        if "dense" in results:
+            axis.axhline(results["dense"][name]["ppl"], color="gray", linewidth=0.8, label="dense")
+        axis.set(title=f"{title} PPL (no recovery)", xlabel="parameters removed (%)", ylabel="perplexity",
+                 yscale="log")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_reports(results: dict, json_path: Path) -> None:
+    save_json(json_path, results)
+    json_path.with_suffix(".md").write_text(markdown(results))
+    plot(results, json_path.with_suffix(".png"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = load_results(args.results, settings(args))
+    model, tokenizer = load_model(args.model)
+    windows = {name: tokenize_windows(tokenizer, load_text(name), args.eval_seq_len, args.eval_tokens, model)
+               for name in EVAL_SETS}
+    if "dense" not in results or args.force:
+        results["dense"] = evaluate(model, tokenizer, windows, args.bf16)
+    del model
+    plan = [(m, r, s) for r in args.ratios for m in args.methods
+            for s in (args.seeds[:1] if m in SEED_FREE else args.seeds)]
+    for index, (method, ratio, seed) in enumerate(plan, 1):
+        key = f"{method}|{ratio}|{seed}"
+        if key in results["records"] and not args.force:
+            continue
+        print(f"[{index}/{len(plan)}] {method} ratio={ratio} seed={seed}", flush=True)
+        record = run_one(args, method, ratio, seed, windows)
+        results["records"][key] = record
+        print("   " + ", ".join(f"{n} {v['ppl']:.2f}" for n, v in record["ppl"].items())
+              + f"  (prune {record['prune_seconds']} s)", flush=True)
+        write_reports(results, args.results)
+    write_reports(results, args.results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Statistics of each neuron's output (the input of down_proj) over the calibration tokens.
+
+Collected by forward pre-hooks on down_proj, registered after the masks' hooks so pruned neurons read
+as zero, in fp32. Mean and variance are merged across batches with Chan's update (no sum-of-squares
+cancellation); `sum_sq` gives Wanda's ‖X_i‖₂.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..evaluation.perplexity import autocast_context
+from . import ScoringContext
+
+
+@dataclass
+class ActivationStats:
+    """Per-layer (I_l,) fp32 statistics over `tokens` calibration tokens."""
+
+    tokens: int
+    mean: list[torch.Tensor]
+    m2: list[torch.Tensor]  # sum of squared deviations from the mean
+    sum_sq: list[torch.Tensor]
+
+    def norm(self, layer: int) -> torch.Tensor:
+        """‖X_i‖₂ over all tokens."""
+        return self.sum_sq[layer].sqrt()
+
+    def variance(self, layer: int) -> torch.Tensor:
+        """Unbiased variance over tokens."""
+        return self.m2[layer] / max(self.tokens - 1, 1)
+
+
+@torch.inference_mode()
+def collect_activation_stats(context: ScoringContext, *, dense: bool = False) -> ActivationStats:
+    """One forward pass over the calibration windows; `dense` runs with every mask off."""
+    architecture = context.masks.architecture
+    downs = [architecture.projections(mlp)[2] for mlp in architecture.mlps(context.model)]
+    zeros = [torch.zeros(down.in_features, dtype=torch.float32, device=down.weight.device) for down in downs]
+    stats = ActivationStats(0, [z.clone() for z in zeros], [z.clone() for z in zeros], [z.clone() for z in zeros])
+    seen = [0] * len(downs)
+
+    def hook(layer: int):
+        def record(module, args):
+            x = args[0].detach().flatten(0, -2).float()  # (tokens, I)
+            n_a, n_b = seen[layer], x.shape[0]
+            mean_b = x.mean(0)
+            delta = mean_b - stats.mean[layer]
+            stats.mean[layer] += delta * (n_b / (n_a + n_b))
+            stats.m2[layer] += (x - mean_b).pow(2).sum(0) + delta.pow(2) * (n_a * n_b / (n_a + n_b))
+            stats.sum_sq[layer] += x.pow(2).sum(0)
+            seen[layer] = n_a + n_b
+
+        return record
+
+    handles = [down.register_forward_pre_hook(hook(layer)) for layer, down in enumerate(downs)]
+    device = downs[0].weight.device
+    try:
+        with context.masks.disabled() if dense else nullcontext(), autocast_context(device, context.bf16):
+            for batch in tqdm(context.calibration.split(context.micro_batch), desc="activation statistics",
+                              unit="batch", leave=False):
+                context.model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats.tokens = seen[0]
+    return stats
+
