@@ -148,7 +148,8 @@ def test_activation_importance_by_hand(importance):
             squares[layer] += a.detach()[0].pow(2).sum(0)
     for handle in handles:
         handle.remove()
-    wanda = [sq.sqrt() * mlp.down_proj.weight.detach().abs().mean(0) for sq, mlp in zip(squares, mlps(model))]
+    downs = [mlp.down_proj.weight.detach() for mlp in mlps(model)]
+    wanda = [sq.sqrt() * down.abs().mean(0) for sq, down in zip(squares, downs, strict=True)]
     expected = {"activation": first, "fisher": second,
                 "activation-wanda": [(f * w).sqrt() for f, w in zip(first, wanda, strict=True)]}[importance]
     for layer in range(2):
