@@ -83,12 +83,17 @@ def test_resume_refuses_other_settings_and_missing_state(saved_model, text_file,
     assert RunState(output).exists()
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "wanda-sp", "flap", "sdmprune"])
-def test_every_calibration_criterion_from_the_cli(criterion, saved_model, text_file, tmp_path, capsys):
+@pytest.mark.parametrize(("criterion", "options"), [
+    ("taylor", ["--allocation", "layer-range"]),
+    ("wanda-sp", ["--allocation", "global"]),
+    ("flap", ["--allocation", "global"]),
+    ("sdmprune", ["--teacher", "copy", "--importance", "activation-wanda"]),
+])
+def test_every_calibration_criterion_from_the_cli(criterion, options, saved_model, text_file, tmp_path, capsys):
     output = tmp_path / criterion
     args = prune_args(saved_model, text_file, output)
     args[args.index("sdmprune")] = criterion
-    assert main([*args, "--allocation", "global"]) == 0
+    assert main([*args, *options]) == 0
     record = json.loads((output / "pruning.json").read_text())
     assert record["method"] == criterion and record["calibration"]["tokens"] == 4 * 32
     assert record["achieved"]["mlp_ratio"] >= 0.5

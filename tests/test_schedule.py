@@ -1,0 +1,58 @@
+"""Allocations (uniform, global, layer-range), prune-and-rescore steps and the SDMPrune plan, via the API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from sdmprune import PruneConfig, count_parameters, prune
+from sdmprune.allocation import standardise
+from sdmprune.criteria import ScoringContext, compute_scores
+from sdmprune.masks import NeuronMasks
+from sdmprune.schedule import OFFICIAL_DISTILLATION, plan_steps
+
+
+def calibration() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_layer_range_keeps_the_first_and_last_layers_dense():
+    model = tiny_model("llama", num_hidden_layers=16)
+    result = prune(model, mlp_ratio=0.3, criterion="magnitude", allocation="layer-range")
+    widths = result.masks.widths
+    assert widths[:2] == [64, 64] and widths[-1] == 64  # round(16/8) first, round(16/16) last
+    assert len(set(widths[2:-1])) == 1 and widths[2] < 64
+    assert result.report["achieved"]["mlp_ratio"] >= 0.3
+
+
+def test_global_allocation_keeps_the_best_standardised_scores_anywhere():
+    model = tiny_model("llama", num_hidden_layers=4)
+    scores = compute_scores("wanda-sp", ScoringContext(model, NeuronMasks(model), calibration()))
+    NeuronMasks(model).remove()
+    result = prune(model, mlp_ratio=0.5, criterion="wanda-sp", allocation="global", calibration=calibration())
+    widths = result.masks.widths
+    assert sum(widths) == 128 and len(set(widths)) > 1  # 4 layers x 64 x 0.5, unevenly spread
+    z = torch.cat(standardise(scores))
+    kept = torch.cat(result.masks.keep)
+    assert z[kept].min() >= z[~kept].max()  # one global threshold on the standardised scores
+
+
+def test_steps_prune_progressively_to_the_target():
+    result = prune(tiny_model("llama"), mlp_ratio=0.5, criterion="taylor", steps=3, calibration=calibration())
+    widths = [step["widths"][0] for step in result.report["steps"]]
+    assert widths == [53, 42, 32]  # 64 - 32·k/3, rounded down
+    assert [step["stage"] for step in result.report["steps"]] == ["prune"] * 3
+
+
+@pytest.mark.parametrize(("ratio", "official"), [(0.18, 0.2), (0.27, 0.3), (0.45, 0.4)])
+def test_sdmprune_plan_cold_start_then_distillation_with_official_settings(ratio, official):
+    model = tiny_model("llama", intermediate_size=256)
+    count = count_parameters(model)
+    config = PruneConfig(criterion="sdmprune", ratio=ratio, steps=2)
+    steps = plan_steps(config, count)
+    assert [s.stage for s in steps] == ["cold-start", "prune", "prune"]
+    assert steps[0].budget == pytest.approx(2 * 256 * 0.975) and steps[0].alpha == 0.0
+    assert (steps[1].alpha, steps[1].temperature) == OFFICIAL_DISTILLATION[official]
+    overridden = plan_steps(PruneConfig(criterion="sdmprune", ratio=ratio, alpha=0.9, temperature=2.0), count)
+    assert (overridden[-1].alpha, overridden[-1].temperature) == (0.9, 2.0)
