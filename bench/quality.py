@@ -40,11 +40,14 @@ METHODS: dict[str, dict] = {
     "magnitude": {"criterion": "magnitude"},
     "wanda-sp": {"criterion": "wanda-sp"},
     "taylor": {"criterion": "taylor"},
-    "flap": {"criterion": "flap"},
-    "sdmprune": {"criterion": "sdmprune"},
-    "sdmprune-activation": {"criterion": "sdmprune", "importance": "activation"},
-    "sdmprune-fisher": {"criterion": "sdmprune", "importance": "fisher"},
-    "sdmprune-activation-wanda": {"criterion": "sdmprune", "importance": "activation-wanda"},
+    "flap": {"criterion": "flap"},  # with its bias compensation
+    "sdmprune": {"criterion": "sdmprune", "importance": "weight", "bias_compensation": False},  # the paper
+    "sdmprune-activation": {"criterion": "sdmprune", "importance": "activation", "bias_compensation": False},
+    "sdmprune-fisher": {"criterion": "sdmprune", "importance": "fisher", "bias_compensation": False},
+    "sdmprune-activation-wanda": {"criterion": "sdmprune", "importance": "activation-wanda",
+                                  "bias_compensation": False},
+    "sdmprune-activation-wanda+bias": {"criterion": "sdmprune", "importance": "activation-wanda",
+                                       "bias_compensation": True},
 }
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap")
 SEED_FREE = ("magnitude",)  # no calibration data and no randomness: one seed says everything

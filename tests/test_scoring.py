@@ -177,7 +177,7 @@ def test_flap_fluctuation_and_compensation_by_hand():
         keep = masks.keep[layer]
         torch.testing.assert_close(scores[layer][keep], expected[keep].detach(), rtol=1e-4, atol=1e-9)
 
-    from sdmprune.criteria.flap import compensate_bias
+    from sdmprune.criteria.activations import compensate_bias
 
     compensate_bias(context)
     with masks.disabled():
@@ -211,12 +211,20 @@ def test_flap_compensated_export_reproduces_the_masked_model(tmp_path, tokenizer
             torch.testing.assert_close(reloaded(input_ids=ids).logits, masked, rtol=1e-4, atol=1e-5)
 
 
-def test_flap_needs_an_mlp_bias_option_or_no_compensation():
+def test_bias_compensation_needs_an_mlp_bias_option():
     ids = calibration()
-    with pytest.raises(SdmpruneError, match="no-bias-compensation"):
-        prune(tiny_model("qwen2"), ratio=0.2, criterion="flap", calibration=ids)
-    result = prune(tiny_model("qwen2"), ratio=0.2, criterion="flap", calibration=ids, bias_compensation=False)
-    assert all(bias is None for bias in result.masks.down_bias)
+    with pytest.raises(SdmpruneError, match="no MLP-bias option"):
+        prune(tiny_model("qwen2"), ratio=0.2, criterion="flap", calibration=ids, bias_compensation=True)
+    automatic = prune(tiny_model("qwen2"), ratio=0.2, criterion="flap", calibration=ids)  # off where unstorable
+    assert all(bias is None for bias in automatic.masks.down_bias) and not automatic.report["bias_compensation"]
+    llama = prune(tiny_model("llama"), ratio=0.2, criterion="sdmprune", importance="activation-wanda",
+                  calibration=ids)
+    assert llama.report["bias_compensation"] and all(bias is not None for bias in llama.masks.down_bias)
+    plain = prune(tiny_model("llama"), ratio=0.2, criterion="wanda-sp", calibration=ids)
+    assert not plain.report["bias_compensation"]
+    magnitude = prune(tiny_model("llama"), ratio=0.2, criterion="magnitude", bias_compensation=True,
+                      calibration=ids)
+    assert magnitude.report["bias_compensation"]
 
 
 def test_copy_teacher_gives_the_same_masks_as_the_masks_off_teacher():

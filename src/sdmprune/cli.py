@@ -24,7 +24,7 @@ from .models import DEFAULT_MODEL, load_model
 from .pruning import PruneConfig, prune
 from .recovery import FinetuneConfig, finetune, load_adapter
 from .recovery.finetune import is_adapter_dir
-from .schedule import STATE_JSON, check_plan
+from .schedule import STATE_JSON, check_plan, uses_bias_compensation
 from .teacher import TEACHERS
 
 
@@ -66,10 +66,11 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, config_class, title: st
     for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"] + (extra_help or {}).get(f.name, "")
-        if f.type == "bool":
+        kind = f.type.split("|")[0].strip()
+        if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
-        kind = {"int": int, "float": float, "str": str}[f.type.split("|")[0].strip()]
+        kind = {"int": int, "float": float, "str": str}[kind]
         required = f.default is MISSING
         group.add_argument(flag, type=kind, required=required, default=None if required else f.default,
                            choices=CHOICES.get(f.name), help=help_text)
@@ -202,7 +203,7 @@ def run_prune(args) -> None:
     if windows is not None:
         evaluation["before"] = _ppl(args, model, tokenizer, windows)
     calibration, calibration_summary = None, None
-    if get_criterion(config.criterion).needs_calibration:
+    if get_criterion(config.criterion).needs_calibration or uses_bias_compensation(config, model):
         calibration, calibration_summary = load_calibration(
             args.calib, tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=config.seed,
             model=model, data_dir=args.data_dir, temperature=args.calib_temperature, top_p=args.calib_top_p,

@@ -52,8 +52,10 @@ class PruneConfig:
         "sdmprune: weight = the paper's weight-space Taylor | activation = sum over tokens of |a*dL/da| at the "
         "neuron's output | fisher = sum over tokens of (a*dL/da)^2 | activation-wanda = geometric mean of "
         "activation and structured Wanda's score"))
-    bias_compensation: bool = field(default=True, metadata=_help(
-        "flap: add the removed neurons' mean output to a down_proj bias (exported via the config's mlp_bias)"))
+    bias_compensation: bool | None = field(default=None, metadata=_help(
+        "add the removed neurons' mean output to a down_proj bias, as FLAP does (exported via the config's "
+        "mlp_bias; Llama only). Default: on for flap and sdmprune's activation-wanda where the architecture "
+        "can store it, off otherwise"))
     micro_batch: int = field(default=1, metadata=_help(
         "calibration windows per backward pass (sdmprune takes |.| per micro-batch; official: 1)"))
     bf16: bool = field(default=False, metadata=_help(

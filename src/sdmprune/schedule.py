@@ -21,6 +21,7 @@ from torch import nn
 
 from .allocation import achieved, allocate_widths, keep_top, kept_budget
 from .criteria import ScoringContext, compute_scores, get_criterion
+from .criteria.activations import compensate_bias
 from .errors import SdmpruneError
 from .masks import NeuronMasks, ParameterCount, count_parameters
 from .models.architectures import get_architecture
@@ -68,11 +69,26 @@ def plan_steps(config, count: ParameterCount) -> list[Step]:
     return steps
 
 
+def uses_bias_compensation(config, model: nn.Module) -> bool:
+    """The config's choice, else automatic: on for flap and for sdmprune's `activation-wanda` importance
+    when the architecture can store the bias (an MLP-bias config option: Llama), off otherwise."""
+    if config.bias_compensation is not None:
+        return config.bias_compensation
+    if config.criterion == "sdmprune":
+        default = config.importance == "activation-wanda"
+    else:
+        default = get_criterion(config.criterion).bias_compensation
+    return default and get_architecture(model).bias_key is not None
+
+
 def check_plan(model: nn.Module, config) -> list[Step]:
     """The steps of the run, failing before any work if the target is out of reach (`global` needs
-    scores to allocate, and shares `uniform`'s bound)."""
+    scores to allocate, and shares `uniform`'s bound) or a compensation bias could not be exported."""
     count = count_parameters(model)
     steps = plan_steps(config, count)
+    if uses_bias_compensation(config, model) and get_architecture(model).bias_key is None:
+        raise SdmpruneError(f"'{model.config.model_type}' has no MLP-bias option to store the compensation bias "
+                            "in: pass --no-bias-compensation")
     early_check = "uniform" if config.allocation == "global" else config.allocation
     allocate_widths(count, steps[-1].budget, allocation=early_check, width_multiple=config.width_multiple)
     return steps
@@ -126,10 +142,10 @@ def run_schedule(
     """Run every step of the plan on `model` (masks attached), resuming from `state_dir` if asked."""
     count = count_parameters(model)
     steps = check_plan(model, config)
-    criterion = get_criterion(config.criterion)
-    if criterion.compensate is not None and config.bias_compensation and get_architecture(model).bias_key is None:
-        raise SdmpruneError(f"'{model.config.model_type}' has no MLP-bias option to store {config.criterion}'s "
-                            "compensation bias in: pass --no-bias-compensation")
+    compensate = uses_bias_compensation(config, model)
+    if compensate and calibration is None:
+        raise SdmpruneError("bias compensation needs calibration data (the removed neurons' mean output): pass "
+                            "--calib, or --no-bias-compensation")
     needs_teacher = any(s.alpha > 0 for s in steps)
     copy_teacher = copy_teacher_before_masking(model, config.teacher) if needs_teacher else None
     torch.manual_seed(config.seed)
@@ -153,8 +169,8 @@ def run_schedule(
         log.append({"step": index + 1, "stage": step.stage, "alpha": step.alpha, "temperature": step.temperature,
                     "widths": widths, "seconds": round(time.perf_counter() - start, 3)})
         state.save(config_dict, index + 1, masks, scores, log)
-    if criterion.compensate is not None and config.bias_compensation:
-        criterion.compensate(context)
+    if compensate:
+        compensate_bias(context)
     report = {
         "method": config.criterion,
         "config": asdict(config),
@@ -163,6 +179,7 @@ def run_schedule(
         "widths_before": count.widths,
         "widths": masks.widths,
         "seed": config.seed,
+        "bias_compensation": compensate,
         "steps": log,
         "calibration": calibration_summary,
     }

@@ -40,21 +40,18 @@ class Criterion:
     score: Callable[[ScoringContext], list[torch.Tensor]]
     needs_calibration: bool
     description: str
-    # Optional step run once the final masks are set (e.g. FLAP's bias compensation).
-    compensate: Callable[[ScoringContext], None] | None = None
+    bias_compensation: bool = False  # FLAP's bias compensation by default (PruneConfig.bias_compensation)
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(
-    name: str, *, needs_calibration: bool, compensate: Callable[[ScoringContext], None] | None = None
-):
+def register_criterion(name: str, *, needs_calibration: bool, bias_compensation: bool = False):
     """Decorator registering `fn(ctx) -> list of (I_l,) scores`; its docstring's first line is the help."""
 
     def decorate(fn: Callable[[ScoringContext], list[torch.Tensor]]):
-        description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-        CRITERIA[name] = Criterion(name, fn, needs_calibration, description, compensate)
+        description = fn.__doc__.strip().splitlines()[0].rstrip(".") if fn.__doc__ else name
+        CRITERIA[name] = Criterion(name, fn, needs_calibration, description, bias_compensation)
         return fn
 
     return decorate

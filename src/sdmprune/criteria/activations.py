@@ -2,7 +2,8 @@
 
 Collected by forward pre-hooks on down_proj, registered after the masks' hooks so pruned neurons read
 as zero, in fp32. Mean and variance are merged across batches with Chan's update (no sum-of-squares
-cancellation); `sum_sq` gives Wanda's ‖X_i‖₂.
+cancellation); `sum_sq` gives Wanda's ‖X_i‖₂. `compensate_bias` is FLAP's bias compensation, which any
+criterion may use (`PruneConfig.bias_compensation`).
 """
 
 from __future__ import annotations
@@ -70,3 +71,14 @@ def collect_activation_stats(context: ScoringContext, *, dense: bool = False) ->
     stats.tokens = seen[0]
     return stats
 
+
+def compensate_bias(context: ScoringContext) -> None:
+    """Set each layer's down_proj bias to the removed neurons' mean contribution (dense statistics)."""
+    stats = collect_activation_stats(context, dense=True)
+    architecture = context.masks.architecture
+    biases = []
+    for layer, (mlp, keep) in enumerate(zip(architecture.mlps(context.model), context.masks.keep, strict=True)):
+        down = architecture.projections(mlp)[2].weight.detach().float()  # (H, I)
+        removed = (~keep).float() * stats.mean[layer]  # (I,): mean output of removed neurons, 0 for kept
+        biases.append(down @ removed)
+    context.masks.down_bias = biases

@@ -6,7 +6,8 @@ FLAP ranks standardised scores across layers (`--allocation global`, which stand
 under `uniform` the ranking within a layer is the same with or without standardisation. After the
 final masks are set, the removed neurons' mean output `W_down[:, removed] · mean(X_removed)` over the
 calibration tokens of the dense model is added as a down_proj bias, so the layer's output keeps its
-mean. The export stores that bias with the config's `mlp_bias` (zero gate/up biases).
+mean (`activations.compensate_bias`, on by default for this criterion and available to every other).
+The export stores that bias with the config's `mlp_bias` (zero gate/up biases).
 """
 
 from __future__ import annotations
@@ -17,19 +18,7 @@ from . import ScoringContext, register_criterion
 from .activations import collect_activation_stats
 
 
-def compensate_bias(context: ScoringContext) -> None:
-    """Set each layer's down_proj bias to the removed neurons' mean contribution (dense statistics)."""
-    stats = collect_activation_stats(context, dense=True)
-    architecture = context.masks.architecture
-    biases = []
-    for layer, (mlp, keep) in enumerate(zip(architecture.mlps(context.model), context.masks.keep, strict=True)):
-        down = architecture.projections(mlp)[2].weight.detach().float()  # (H, I)
-        removed = (~keep).float() * stats.mean[layer]  # (I,): mean output of removed neurons, 0 for kept
-        biases.append(down @ removed)
-    context.masks.down_bias = biases
-
-
-@register_criterion("flap", needs_calibration=True, compensate=compensate_bias)
+@register_criterion("flap", needs_calibration=True, bias_compensation=True)
 def flap(context: ScoringContext) -> list[torch.Tensor]:
     """FLAP fluctuation: variance of the neuron's output over tokens × ‖W_down[:, i]‖², plus bias compensation."""
     stats = collect_activation_stats(context)
