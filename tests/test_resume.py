@@ -87,7 +87,7 @@ def test_resume_refuses_other_settings_and_missing_state(saved_model, text_file,
     ("taylor", ["--allocation", "layer-range"]),
     ("wanda-sp", ["--allocation", "global"]),
     ("flap", ["--allocation", "global"]),
-    ("sdmprune", ["--teacher", "copy", "--importance", "activation-wanda"]),
+    ("sdmprune", ["--teacher", "copy", "--importance", "weight"]),
 ])
 def test_every_calibration_criterion_from_the_cli(criterion, options, saved_model, text_file, tmp_path, capsys):
     output = tmp_path / criterion

@@ -48,14 +48,14 @@ class PruneConfig:
         "sdmprune: teacher temperature T (default: official value for the nearest ratio)"))
     cold_start: float = field(default=0.025, metadata=_help(
         "sdmprune: fraction of MLP width pruned by the cross-entropy cold start"))
-    importance: str = field(default="weight", metadata=_help(
-        "sdmprune: weight = the paper's weight-space Taylor | activation = sum over tokens of |a*dL/da| at the "
-        "neuron's output | fisher = sum over tokens of (a*dL/da)^2 | activation-wanda = geometric mean of "
-        "activation and structured Wanda's score"))
+    importance: str = field(default="activation-wanda", metadata=_help(
+        "sdmprune: activation-wanda (recommended, see bench/results/quality.md) = geometric mean of the "
+        "activation Taylor score and structured Wanda's | weight = the paper's weight-space Taylor (faithful "
+        "SDMPrune) | activation = sum over tokens of |a*dL/da| at the neuron's output | fisher = sum over "
+        "tokens of (a*dL/da)^2"))
     bias_compensation: bool | None = field(default=None, metadata=_help(
         "add the removed neurons' mean output to a down_proj bias, as FLAP does (exported via the config's "
-        "mlp_bias; Llama only). Default: on for flap and sdmprune's activation-wanda where the architecture "
-        "can store it, off otherwise"))
+        "mlp_bias; Llama only). Default: on for flap where the architecture can store it, off otherwise"))
     micro_batch: int = field(default=1, metadata=_help(
         "calibration windows per backward pass (sdmprune takes |.| per micro-batch; official: 1)"))
     bf16: bool = field(default=False, metadata=_help(

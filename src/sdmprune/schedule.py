@@ -70,15 +70,11 @@ def plan_steps(config, count: ParameterCount) -> list[Step]:
 
 
 def uses_bias_compensation(config, model: nn.Module) -> bool:
-    """The config's choice, else automatic: on for flap and for sdmprune's `activation-wanda` importance
-    when the architecture can store the bias (an MLP-bias config option: Llama), off otherwise."""
+    """The config's choice, else automatic: the criterion's default (on for flap) when the architecture
+    can store the bias (an MLP-bias config option: Llama), off otherwise."""
     if config.bias_compensation is not None:
         return config.bias_compensation
-    if config.criterion == "sdmprune":
-        default = config.importance == "activation-wanda"
-    else:
-        default = get_criterion(config.criterion).bias_compensation
-    return default and get_architecture(model).bias_key is not None
+    return get_criterion(config.criterion).bias_compensation and get_architecture(model).bias_key is not None
 
 
 def check_plan(model: nn.Module, config) -> list[Step]:

@@ -23,7 +23,7 @@ from . import ScoringContext, register_criterion
 from .gradients import activation_gradient_passes, gradients_on_mlp_only, loss_backward_passes, mlp_weights
 
 ACTIVATION_IMPORTANCES = ("activation", "fisher", "activation-wanda")
-IMPORTANCES = ("weight", *ACTIVATION_IMPORTANCES)
+IMPORTANCES = ("activation-wanda", "weight", "activation", "fisher")
 
 
 def activation_importance(context: ScoringContext, description: str) -> list[torch.Tensor]:
