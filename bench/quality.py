@@ -46,6 +46,8 @@ METHODS: dict[str, dict] = {
     "sdmprune-fisher": {"criterion": "sdmprune", "importance": "fisher", "bias_compensation": False},
     "sdmprune-activation-wanda": {"criterion": "sdmprune", "importance": "activation-wanda",
                                   "bias_compensation": False},
+    "sdmprune-activation-wanda-steps3": {"criterion": "sdmprune", "importance": "activation-wanda",
+                                         "bias_compensation": False, "steps": 3},
     "sdmprune-activation-wanda+bias": {"criterion": "sdmprune", "importance": "activation-wanda",
                                        "bias_compensation": True},
 }
@@ -197,6 +199,12 @@ def markdown(results: dict) -> str:
         f"{evaluation['max_tokens']:,} tokens of each set, non-overlapping windows of {evaluation['seq_len']}. "
         f"bf16 autocast: {meta['bf16']}. Cells: mean ± sample std of PPL over seeds (n = seeds); "
         "`ev±` is the evaluation noise (relative PPL error from the spread across windows).",
+        "",
+        "Rows: `random` … `flap` are the baselines as their authors score neurons (flap with its bias "
+        "compensation), `sdmprune` is the paper's method (weight-space Taylor, official α/T, 2.5% cold start), "
+        "`sdmprune-*` are our variants of it (importance in activation space, +bias = FLAP's compensation added, "
+        "-steps3 = three prune-and-rescore steps); `sdmprune-activation-wanda` is the recommended preset "
+        "(`--importance activation-wanda`, the CLI default). Uniform widths for every method.",
         "",
         "Command: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py`",
         "",
