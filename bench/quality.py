@@ -1,6 +1,6 @@
 """Quality benchmark: perplexity of the bundled SmolLM2-135M pruned by every method, no recovery training.
 
-Regenerate everything (about 2 h on a 2-core CPU; runs already in the results file are skipped):
+Regenerate everything (about 2.5 h on a 2-core CPU; runs already in the results file are skipped):
 
     SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py
 
@@ -46,8 +46,6 @@ METHODS: dict[str, dict] = {
     "sdmprune-fisher": {"criterion": "sdmprune", "importance": "fisher", "bias_compensation": False},
     "sdmprune-activation-wanda": {"criterion": "sdmprune", "importance": "activation-wanda",
                                   "bias_compensation": False},
-    "sdmprune-activation-wanda-steps3": {"criterion": "sdmprune", "importance": "activation-wanda",
-                                         "bias_compensation": False, "steps": 3},
     "sdmprune-activation-wanda+bias": {"criterion": "sdmprune", "importance": "activation-wanda",
                                        "bias_compensation": True},
 }
@@ -202,8 +200,8 @@ def markdown(results: dict) -> str:
         "",
         "Rows: `random` … `flap` are the baselines as their authors score neurons (flap with its bias "
         "compensation), `sdmprune` is the paper's method (weight-space Taylor, official α/T, 2.5% cold start), "
-        "`sdmprune-*` are our variants of it (importance in activation space, +bias = FLAP's compensation added, "
-        "-steps3 = three prune-and-rescore steps); `sdmprune-activation-wanda` is the recommended preset "
+        "`sdmprune-*` are our variants of it (importance in activation space, +bias = FLAP's compensation "
+        "added); `sdmprune-activation-wanda` is the recommended preset "
         "(`--importance activation-wanda`, the CLI default). Uniform widths for every method.",
         "",
         "Command: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py`",
