@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 from sdmprune import load_model, perplexity, prune
 from sdmprune.data import load_calibration, load_text
 from sdmprune.evaluation.perplexity import tokenize_windows
+from sdmprune.io import atomic_file
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -99,9 +99,8 @@ def load_results(path: Path, expected: dict) -> dict:
 
 def save_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
 
 
 def evaluate(model, tokenizer, windows: dict[str, torch.Tensor], bf16: bool) -> dict:

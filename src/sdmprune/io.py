@@ -1,4 +1,4 @@
-"""Atomic output directories: written under a temporary name, renamed into place at the end."""
+"""Atomic outputs: files and directories written under a temporary name, renamed into place at the end."""
 
 from __future__ import annotations
 
@@ -10,6 +10,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import SdmpruneError
+
+
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; whatever the block writes there replaces `target` only on success."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_output_dir(target: Path, overwrite: bool) -> None:

@@ -11,15 +11,19 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(z_t / T) || softmax(z_s)), forward KL, temperature on the teacher only, no T² factor.
+def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(z_t / T) || softmax(z_s)) summed over the vocabulary (last dim): logits (..., V) -> (...).
 
-    Mean over tokens of sum over the vocabulary; logits (B, S, V), all predicting positions kept.
+    Forward KL, temperature on the teacher only, no T² factor; computed in fp32.
     """
-    teacher_log_probs = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
-    student_log_probs = F.log_softmax(student_logits[:, :-1].float(), dim=-1)
-    per_token = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
-    return per_token.mean()
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student_log_probs = F.log_softmax(student_logits.float(), dim=-1)
+    return (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over predicting positions of `kl_per_position`; logits (B, S, V)."""
+    return kl_per_position(student_logits[:, :-1], teacher_logits[:, :-1], temperature).mean()
 
 
 def self_distillation_loss(

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,49 +18,46 @@ from .criteria import get_criterion
 from .criteria.sdmprune import IMPORTANCES
 from .errors import SdmpruneError
 from .masks import NeuronMasks
+from .options import described
 from .schedule import run_schedule
 from .teacher import TEACHERS
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass
 class PruneConfig:
     """Settings of a pruning run; each field's help is the CLI's help (`--field-name`)."""
 
-    criterion: str = field(default="sdmprune", metadata=_help("importance criterion"))
-    ratio: float | None = field(default=None, metadata=_help(
+    criterion: str = field(default="sdmprune", metadata=described("importance criterion"))
+    ratio: float | None = field(default=None, metadata=described(
         "fraction of TOTAL parameters to remove, taken from MLP neurons (e.g. 0.2)"))
-    mlp_ratio: float | None = field(default=None, metadata=_help("fraction of MLP neurons to remove instead"))
-    width_multiple: int = field(default=1, metadata=_help("round kept widths down to a multiple of this (e.g. 64)"))
-    allocation: str = field(default="uniform", metadata=_help(
+    mlp_ratio: float | None = field(default=None, metadata=described("fraction of MLP neurons to remove instead"))
+    width_multiple: int = field(default=1, metadata=described("round kept widths down to a multiple of this (e.g. 64)"))
+    allocation: str = field(default="uniform", metadata=described(
         "uniform: same width per layer | global: rank standardised scores across layers | "
         "layer-range: first L/8 and last L/16 layers dense"))
-    steps: int = field(default=1, metadata=_help(
+    steps: int = field(default=1, metadata=described(
         "prune-and-rescore steps of the (distillation) stage; 1 = one shot, as the paper"))
-    teacher: str = field(default="masks-off", metadata=_help(
+    teacher: str = field(default="masks-off", metadata=described(
         "masks-off: the model itself with masks off (no extra memory) | copy: a frozen second copy"))
-    alpha: float | None = field(default=None, metadata=_help(
+    alpha: float | None = field(default=None, metadata=described(
         "sdmprune: KL weight α (default: official value for the nearest of the 20/30/40 percent targets)"))
-    temperature: float | None = field(default=None, metadata=_help(
+    temperature: float | None = field(default=None, metadata=described(
         "sdmprune: teacher temperature T (default: official value for the nearest ratio)"))
-    cold_start: float = field(default=0.025, metadata=_help(
+    cold_start: float = field(default=0.025, metadata=described(
         "sdmprune: fraction of MLP width pruned by the cross-entropy cold start"))
-    importance: str = field(default="activation-wanda", metadata=_help(
+    importance: str = field(default="activation-wanda", metadata=described(
         "sdmprune: activation-wanda (recommended, see bench/results/quality.md) = geometric mean of the "
         "activation Taylor score and structured Wanda's | weight = the paper's weight-space Taylor (faithful "
         "SDMPrune) | activation = sum over tokens of |a*dL/da| at the neuron's output | fisher = sum over "
         "tokens of (a*dL/da)^2"))
-    bias_compensation: bool | None = field(default=None, metadata=_help(
+    bias_compensation: bool | None = field(default=None, metadata=described(
         "add the removed neurons' mean output to a down_proj bias, as FLAP does (exported via the config's "
         "mlp_bias; Llama only). Default: on for flap where the architecture can store it, off otherwise"))
-    micro_batch: int = field(default=1, metadata=_help(
+    micro_batch: int = field(default=1, metadata=described(
         "calibration windows per backward pass (sdmprune takes |.| per micro-batch; official: 1)"))
-    bf16: bool = field(default=False, metadata=_help(
+    bf16: bool = field(default=False, metadata=described(
         "bf16 autocast for scoring passes (the CLI uses it for perplexity too); faster on CPU and GPU"))
-    seed: int = field(default=0, metadata=_help("seed for every random choice; same seed, same result"))
+    seed: int = field(default=0, metadata=described("seed for every random choice; same seed, same result"))
 
     def validate(self) -> None:
         get_criterion(self.criterion)
@@ -85,10 +82,6 @@ class PruneConfig:
             raise SdmpruneError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.temperature is not None and self.temperature <= 0:
             raise SdmpruneError(f"--temperature must be positive, got {self.temperature}")
-
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
 @dataclass

@@ -10,7 +10,6 @@ config are saved (when a state directory is given), so an interrupted run resume
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from .allocation import achieved, allocate_widths, keep_top, kept_budget
 from .criteria import ScoringContext, compute_scores, get_criterion
 from .criteria.activations import compensate_bias
 from .errors import SdmpruneError
+from .io import atomic_file
 from .masks import NeuronMasks, ParameterCount, count_parameters
 from .models.architectures import get_architecture
 from .teacher import MasksOffTeacher, copy_teacher_before_masking
@@ -106,13 +106,11 @@ class RunState:
         tensors = {f"keep.{i}": m.to(torch.uint8).cpu() for i, m in enumerate(masks.keep)}
         tensors |= {f"scores.{i}": s.float().cpu().contiguous() for i, s in enumerate(scores)}
         tensors["rng"] = torch.get_rng_state()
-        tmp = self.directory / f".{STATE_TENSORS}.tmp"
-        save_file(tensors, tmp)
-        os.replace(tmp, self.directory / STATE_TENSORS)
+        with atomic_file(self.directory / STATE_TENSORS) as tmp:
+            save_file(tensors, tmp)
         record = {"config": config_dict, "steps_done": done, "log": log}
-        tmp = self.directory / f".{STATE_JSON}.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, self.directory / STATE_JSON)  # the JSON is written last: it marks the step done
+        with atomic_file(self.directory / STATE_JSON) as tmp:  # written last: it marks the step done
+            tmp.write_text(json.dumps(record, indent=1))
 
     def load(self, config_dict: dict) -> tuple[int, list[torch.Tensor], list]:
         record = json.loads((self.directory / STATE_JSON).read_text())

@@ -27,8 +27,8 @@ def mlp_weights(context: ScoringContext) -> list[MLPWeights]:
 
 @contextmanager
 def gradients_on_mlp_only(model: nn.Module, weights: list[MLPWeights]) -> Iterator[None]:
-    """Only MLP weights require grad inside the block (activations still carry gradients through
-    attention); grads are cleared and the previous flags restored afterwards."""
+    """Only MLP weights (none if `weights` is empty) require grad inside the block (activations still carry
+    gradients through attention); grads are cleared and the previous flags restored afterwards."""
     previous = {param: param.requires_grad for param in model.parameters()}
     model.requires_grad_(False)
     for triple in weights:
@@ -93,16 +93,12 @@ def activation_gradient_passes(
     def embeddings_require_grad(module, args, output):
         return output.detach().requires_grad_(True)
 
-    previous = {param: param.requires_grad for param in model.parameters()}
-    model.requires_grad_(False)
     handles = [down.register_forward_pre_hook(capture(layer)) for layer, down in enumerate(downs)]
     handles.append(model.get_input_embeddings().register_forward_hook(embeddings_require_grad))
     try:
-        for _ in loss_backward_passes(context, description):
-            yield [(a.detach().flatten(0, -2), a.grad.flatten(0, -2)) for a in captured]
-            captured = [None] * len(downs)
+        with gradients_on_mlp_only(model, []):
+            for _ in loss_backward_passes(context, description):
+                yield [(a.detach().flatten(0, -2), a.grad.flatten(0, -2)) for a in captured]
     finally:
         for handle in handles:
             handle.remove()
-        for param, flag in previous.items():
-            param.requires_grad_(flag)

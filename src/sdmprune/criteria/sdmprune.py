@@ -21,6 +21,7 @@ import torch
 
 from . import ScoringContext, register_criterion
 from .gradients import activation_gradient_passes, gradients_on_mlp_only, loss_backward_passes, mlp_weights
+from .wanda_sp import structured_wanda
 
 ACTIVATION_IMPORTANCES = ("activation", "fisher", "activation-wanda")
 IMPORTANCES = ("activation-wanda", "weight", "activation", "fisher")
@@ -44,8 +45,8 @@ def activation_importance(context: ScoringContext, description: str) -> list[tor
     if context.importance == "fisher":
         return second_order
     architecture = context.masks.architecture
-    downs = [architecture.projections(mlp)[2].weight.detach().float() for mlp in architecture.mlps(context.model)]
-    return [(taylor * sq.sqrt() * down.abs().mean(0)).sqrt()
+    downs = [architecture.projections(mlp)[2].weight for mlp in architecture.mlps(context.model)]
+    return [(taylor * structured_wanda(down, sq.sqrt())).sqrt()
             for taylor, sq, down in zip(first_order, squares, downs, strict=True)]
 
 

@@ -8,12 +8,17 @@ from . import ScoringContext, register_criterion
 from .activations import collect_activation_stats
 
 
+def structured_wanda(down_weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """(I,) scores mean_rows |W_down[:, i]| · ‖X_i‖₂ from W_down (H, I) and the (I,) activation norms."""
+    return down_weight.detach().float().abs().mean(0) * norm
+
+
 @register_criterion("wanda-sp", needs_calibration=True)
 def wanda_sp(context: ScoringContext) -> list[torch.Tensor]:
     """Structured Wanda: mean over output rows of |W_down[:, i]|·‖X_i‖₂, X_i the neuron's output over tokens."""
     stats = collect_activation_stats(context)
     architecture = context.masks.architecture
     return [
-        architecture.projections(mlp)[2].weight.detach().float().abs().mean(0) * stats.norm(layer)
+        structured_wanda(architecture.projections(mlp)[2].weight, stats.norm(layer))
         for layer, mlp in enumerate(architecture.mlps(context.model))
     ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -24,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from ..data.text import data_dir as local_data_dir
 from ..errors import SdmpruneError
+from ..io import atomic_file
 from .perplexity import context_length
 
 TASKS_DIR = Path(__file__).with_name("tasks")
@@ -90,11 +91,11 @@ def load_local_dataset(data_files: dict[str, str], data_dir: str | None = None, 
     loaded with the `json` builder. The directory comes from the task metadata, else $SDMPRUNE_DATA_DIR."""
     import datasets
 
-    directory = data_dir or os.environ.get("SDMPRUNE_DATA_DIR")
-    if not directory:
+    directory = local_data_dir(data_dir)
+    if directory is None:
         raise SdmpruneError("the shipped task definitions read local files: pass --data-dir or set "
                             "SDMPRUNE_DATA_DIR (e.g. ../shared/data)")
-    files = {split: Path(directory).expanduser() / path for split, path in data_files.items()}
+    files = {split: directory / path for split, path in data_files.items()}
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise SdmpruneError(f"{', '.join(missing)} not found: the data directory must be laid out as "
@@ -186,11 +187,11 @@ def task_manager(data_dir: str | Path | None):
     _require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    directory = data_dir or os.environ.get("SDMPRUNE_DATA_DIR")
-    if directory:
+    directory = local_data_dir(data_dir)
+    if directory is not None:
         logging.getLogger("lm_eval.api.task").addFilter(_hide_custom_dataset_notice)  # idempotent
         manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
-                              metadata={"data_dir": str(Path(directory).expanduser())})
+                              metadata={"data_dir": str(directory)})
         return manager, {name: name for name in TASKS}
     return TaskManager(), {name: spec.harness for name, spec in TASKS.items()}
 
@@ -306,7 +307,6 @@ def write_results(result: dict, output_dir: str | Path, title: str = "Zero-shot 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(result, indent=1)), ("results.md", results_markdown(result, title))):
-        tmp = output_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, output_dir / name)
+        with atomic_file(output_dir / name) as tmp:
+            tmp.write_text(text)
     return output_dir

@@ -29,49 +29,47 @@ from ..errors import SdmpruneError
 from ..evaluation.perplexity import autocast_context, context_length
 from ..export import library_versions
 from ..io import atomic_directory, check_output_dir
+from ..losses import kl_per_position
 from ..models import load_model
+from ..options import described
 from .data import IGNORE_INDEX, TokenizedData, collate, load_instructions, tokenize_dataset
 
 CHECKPOINT_DIR, RECORD = "checkpoint", "recovery.json"
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class FinetuneConfig:
     """Settings of a recovery run; each field's help is the CLI's help (`--field-name`)."""
 
-    data: str = field(metadata=_help(
+    data: str = field(metadata=described(
         "instruction data: an Alpaca .json/.jsonl file (instruction, input, output) or a hub dataset "
         "(lamini = MBZUAI/LaMini-instruction, alpaca-cleaned = yahma/alpaca-cleaned, or any id)"))
-    max_samples: int = field(default=0, metadata=_help("use only the first N examples (0 = all)"))
-    lora_r: int = field(default=8, metadata=_help("LoRA rank"))
-    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha (the update is scaled by alpha / r)"))
-    lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input"))
-    lora_targets: str = field(default=LORA_TARGETS, metadata=_help("comma-separated module names that get LoRA"))
-    lr: float = field(default=1e-4, metadata=_help("peak learning rate (AdamW, cosine decay to 0)"))
-    weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay"))
-    warmup_steps: int = field(default=0, metadata=_help("linear warm-up steps before the cosine decay"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0 = no clipping)"))
-    epochs: int = field(default=2, metadata=_help("passes over the data"))
-    max_steps: int = field(default=0, metadata=_help("optimizer steps to run instead of --epochs (0 = use epochs)"))
-    batch_size: int = field(default=4, metadata=_help("examples per forward pass"))
-    grad_accum: int = field(default=4, metadata=_help("forward passes per optimizer step"))
-    max_len: int = field(default=512, metadata=_help("truncate prompt + response to this many tokens"))
-    bf16: bool = field(default=False, metadata=_help("bf16 autocast for forward passes (CPU and GPU)"))
-    seed: int = field(default=0, metadata=_help("seed for the LoRA init, data order and dropout"))
-    kd: bool = field(default=False, metadata=_help(
+    max_samples: int = field(default=0, metadata=described("use only the first N examples (0 = all)"))
+    lora_r: int = field(default=8, metadata=described("LoRA rank"))
+    lora_alpha: float = field(default=16.0, metadata=described("LoRA alpha (the update is scaled by alpha / r)"))
+    lora_dropout: float = field(default=0.05, metadata=described("dropout on the LoRA input"))
+    lora_targets: str = field(default=LORA_TARGETS, metadata=described("comma-separated module names that get LoRA"))
+    lr: float = field(default=1e-4, metadata=described("peak learning rate (AdamW, cosine decay to 0)"))
+    weight_decay: float = field(default=0.05, metadata=described("AdamW weight decay"))
+    warmup_steps: int = field(default=0, metadata=described("linear warm-up steps before the cosine decay"))
+    max_grad_norm: float = field(default=1.0, metadata=described("clip the gradient norm to this (0 = no clipping)"))
+    epochs: int = field(default=2, metadata=described("passes over the data"))
+    max_steps: int = field(default=0, metadata=described("optimizer steps to run instead of --epochs (0 = use epochs)"))
+    batch_size: int = field(default=4, metadata=described("examples per forward pass"))
+    grad_accum: int = field(default=4, metadata=described("forward passes per optimizer step"))
+    max_len: int = field(default=512, metadata=described("truncate prompt + response to this many tokens"))
+    bf16: bool = field(default=False, metadata=described("bf16 autocast for forward passes (CPU and GPU)"))
+    seed: int = field(default=0, metadata=described("seed for the LoRA init, data order and dropout"))
+    kd: bool = field(default=False, metadata=described(
         "distil from the dense original too: (1-β)·CE + β·KL(softmax(z_t/T)||softmax(z_s)); holds one extra "
         "frozen inference copy of the teacher (no gradients, no optimizer state)"))
-    kd_beta: float = field(default=0.5, metadata=_help("--kd: KL weight β"))
-    kd_temperature: float = field(default=1.0, metadata=_help("--kd: teacher temperature T"))
-    teacher_model: str | None = field(default=None, metadata=_help(
+    kd_beta: float = field(default=0.5, metadata=described("--kd: KL weight β"))
+    kd_temperature: float = field(default=1.0, metadata=described("--kd: teacher temperature T"))
+    teacher_model: str | None = field(default=None, metadata=described(
         "--kd: teacher model spec (default: source_model in the pruned directory's pruning.json)"))
-    save_every: int = field(default=100, metadata=_help("write a resumable checkpoint every N steps (0 = never)"))
-    merge: bool = field(default=False, metadata=_help(
+    save_every: int = field(default=100, metadata=described("write a resumable checkpoint every N steps (0 = never)"))
+    merge: bool = field(default=False, metadata=described(
         "also write merged/: the adapter merged into the weights, a standalone model directory"))
 
     def validate(self) -> None:
@@ -110,9 +108,7 @@ def recovery_loss_sums(
     ce = F.cross_entropy(student, targets[mask], reduction="sum")
     if teacher_logits is None:
         return ce, None, student.shape[0]
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (teacher_log_probs.exp() * (teacher_log_probs - F.log_softmax(student, dim=-1))).sum()
-    return ce, kl, student.shape[0]
+    return ce, kl_per_position(student, teacher_logits, temperature).sum(), student.shape[0]
 
 
 def _teacher_logits(teacher, batch: dict[str, torch.Tensor], bf16: bool) -> torch.Tensor:
