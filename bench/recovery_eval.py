@@ -1,13 +1,13 @@
 """Recovery benchmark: zero-shot tasks and perplexity of the bundled SmolLM2-135M dense, pruned 20% with
 SDMPrune, and pruned + LoRA-recovered.
 
-One command, from the repository root (not yet timed here; expect the better part of an hour on a 2-core CPU):
+One command, from the repository root (about 75 minutes on a 2-core CPU):
 
     SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/recovery_eval.py
 
 Stages, each an `sdmprune` CLI command run in-process (the exact commands go into the results):
-1. evaluate the dense model: the 12 shipped tasks (first --limit items each) + WikiText-2 perplexity
-   (windows of 512 tokens, first 16,384 tokens);
+1. evaluate the dense model under bf16 autocast, batches of 8: the 12 shipped tasks (first --limit items
+   each) + WikiText-2 perplexity (windows of 512 tokens, first 16,384 tokens);
 2. prune 20% of the parameters with `--criterion sdmprune --bf16 --calib-samples 32 --calib-seq-len 256`
    (or reuse the directory given with --pruned);
 3. evaluate the pruned model the same way;
@@ -61,7 +61,8 @@ def run(argv: list[str], stages: list[dict], name: str) -> None:
 
 def evaluate(model: str, output: Path, limit: int, stages: list[dict], name: str) -> dict:
     run(["eval", "--model", model, "--tasks", ",".join(ALL_TASKS), "--limit", str(limit),
-         "--ppl-data", "wikitext2", "--seq-len", "512", "--max-tokens", "16384", "--output", str(output)],
+         "--ppl-data", "wikitext2", "--seq-len", "512", "--max-tokens", "16384", "--bf16", "--batch-size", "8",
+         "--output", str(output)],
         stages, name)
     return json.loads((output / "results.json").read_text())
 
