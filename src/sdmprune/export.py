@@ -1,19 +1,22 @@
-"""Physically remove masked neurons and write a standard Hugging Face directory.
+"""Physically remove masked neurons (and attention groups) and write a standard Hugging Face directory.
 
 Layouts (recorded in pruning.json under `export.layout`):
-- `uniform`: every layer has the same width; `config.intermediate_size` = that width. Loads with
-  plain `AutoModelForCausalLM.from_pretrained`.
-- `per-layer`: widths differ; tensors have their true shapes, `config.intermediate_size` is the
-  largest width. Load with `sdmprune.load_pruned(dir)`.
-- `padded`: widths differ, every layer zero-padded to the largest width. Exactly the same function
-  (a zero neuron contributes nothing) and loads with plain transformers, at the cost of the padding.
+- `uniform`: every layer has the same width (and number of key/value heads); `config.intermediate_size`
+  (`num_key_value_heads`) = that. Loads with plain `AutoModelForCausalLM.from_pretrained`.
+- `per-layer`: widths or head counts differ; tensors have their true shapes, the config holds the
+  largest. Load with `sdmprune.load_pruned(dir)`.
+- `padded`: widths or head counts differ, every layer zero-padded to the largest. Exactly the same
+  function (a zero neuron contributes nothing; a key/value group with zero v rows and o columns
+  neither) and loads with plain transformers, at the cost of the padding.
+When attention groups are removed, `config.head_dim` is written explicitly and `num_attention_heads`
+= G · `num_key_value_heads`, so every layer stays an ordinary GQA layer with G query heads per group.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -24,30 +27,59 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from . import __version__
 from .errors import SdmpruneError
 from .io import atomic_directory, check_output_dir
-from .masks import NeuronMasks, count_parameters
+from .masks import HeadMasks, NeuronMasks, attention_group_shape, count_parameters
 from .models.architectures import Architecture, get_architecture
 from .models.loading import resolve_device, resolve_dtype
+
+
+def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor, size: int) -> nn.Parameter:
+    """Entries `index` of `tensor` along `dim`, zero-padded to `size` (>= len(index)) there."""
+    kept = tensor.detach().index_select(dim, index.to(tensor.device))
+    if size > index.numel():
+        pad_shape = list(kept.shape)
+        pad_shape[dim] = size - index.numel()
+        kept = torch.cat([kept, kept.new_zeros(pad_shape)], dim=dim)
+    return nn.Parameter(kept.contiguous(), requires_grad=tensor.requires_grad)
+
+
+def _resize_outputs(linear: nn.Linear, index: torch.Tensor, size: int) -> None:
+    linear.weight = _take(linear.weight, 0, index, size)
+    if linear.bias is not None:
+        linear.bias = _take(linear.bias, 0, index, size)
+    linear.out_features = size
 
 
 def _resize_mlp(architecture: Architecture, mlp: nn.Module, index: torch.Tensor, width: int) -> None:
     """Keep neurons `index` of one MLP, zero-padded to `width` (>= len(index)), in place."""
     gate, up, down = architecture.projections(mlp)
-
-    def take(tensor: torch.Tensor, dim: int) -> nn.Parameter:
-        kept = tensor.detach().index_select(dim, index.to(tensor.device))
-        if width > index.numel():
-            pad_shape = list(kept.shape)
-            pad_shape[dim] = width - index.numel()
-            kept = torch.cat([kept, kept.new_zeros(pad_shape)], dim=dim)
-        return nn.Parameter(kept.contiguous(), requires_grad=tensor.requires_grad)
-
     for linear in (gate, up):
-        linear.weight = take(linear.weight, 0)
-        if linear.bias is not None:
-            linear.bias = take(linear.bias, 0)
-        linear.out_features = width
-    down.weight = take(down.weight, 1)
+        _resize_outputs(linear, index, width)
+    down.weight = _take(down.weight, 1, index, width)
     down.in_features = width
+
+
+def _resize_attention(architecture: Architecture, attention: nn.Module, index: torch.Tensor, n_groups: int,
+                      group_size: int, head_dim: int) -> None:
+    """Keep attention groups `index` (key/value heads with their G query heads) of one attention block,
+    zero-padded to `n_groups` (>= len(index)) groups, in place."""
+    q, k, v, o = architecture.attention_projections(attention)
+    index = index.to(q.weight.device)
+
+    def channels(width: int) -> torch.Tensor:  # the rows of each kept group in a (groups·width)-row weight
+        return (index[:, None] * width + torch.arange(width, device=index.device)).flatten()
+
+    _resize_outputs(q, channels(group_size * head_dim), n_groups * group_size * head_dim)
+    for linear in (k, v):
+        _resize_outputs(linear, channels(head_dim), n_groups * head_dim)
+    o.weight = _take(o.weight, 1, channels(group_size * head_dim), n_groups * group_size * head_dim)
+    o.in_features = n_groups * group_size * head_dim
+
+
+def _set_attention_config(model: PreTrainedModel, n_groups: int) -> None:
+    group_size, head_dim = attention_group_shape(model)
+    model.config.head_dim = head_dim  # explicit: hidden_size // num_attention_heads no longer holds
+    model.config.num_key_value_heads = n_groups
+    model.config.num_attention_heads = n_groups * group_size
 
 
 def _store_down_bias(architecture: Architecture, model: PreTrainedModel, biases: list[torch.Tensor | None]) -> None:
@@ -68,11 +100,13 @@ def _store_down_bias(architecture: Architecture, model: PreTrainedModel, biases:
         down.bias = nn.Parameter(total, requires_grad=weight.requires_grad)
 
 
-def slice_model(model: PreTrainedModel, masks: NeuronMasks, *, padded: bool = False) -> list[int]:
-    """Remove the masked neurons from `model` in place and detach the masks; returns the stored widths.
+def slice_model(model: PreTrainedModel, masks: NeuronMasks, *, padded: bool = False,
+                heads: HeadMasks | None = None) -> list[int]:
+    """Remove the masked neurons (and, with `heads`, attention groups) from `model` in place and detach
+    the masks; returns the stored widths.
 
-    With `padded`, layers narrower than the widest are zero-padded to its width. A compensation
-    bias held by the masks becomes down_proj's bias.
+    With `padded`, layers narrower than the widest are zero-padded to its width (and head count). A
+    compensation bias held by the masks becomes down_proj's bias.
     """
     architecture = get_architecture(model)
     widths = masks.widths
@@ -84,6 +118,15 @@ def slice_model(model: PreTrainedModel, masks: NeuronMasks, *, padded: bool = Fa
         _store_down_bias(architecture, model, masks.down_bias)
     masks.remove()
     setattr(model.config, architecture.width_key, width_max)
+    if heads is not None:
+        group_size, head_dim = attention_group_shape(model)
+        groups_max = max(heads.kv_heads)
+        for attention, keep in zip(architecture.attentions(model), heads.keep, strict=True):
+            index = torch.nonzero(keep).flatten()
+            _resize_attention(architecture, attention, index, groups_max if padded else index.numel(),
+                              group_size, head_dim)
+        heads.remove()
+        _set_attention_config(model, groups_max)
     return [width_max] * len(widths) if padded else widths
 
 
@@ -107,9 +150,12 @@ def export_pruned(
     report: dict,
     overwrite: bool = False,
     padded: bool = False,
+    heads: HeadMasks | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Slice `model` in place (see `slice_model`) and save it with its tokenizer, pruning.json and a card.
 
+    `heads` removes attention groups too; `extra(directory)` may write more files into the export.
     Writes to a temporary sibling directory renamed to `output_dir` at the end, so a failure leaves
     nothing behind. An existing `output_dir` is refused unless `overwrite`.
     """
@@ -117,16 +163,23 @@ def export_pruned(
     check_output_dir(output_dir, overwrite)
     kept_indices = masks.kept_indices()
     widths = masks.widths
-    layout = "uniform" if len(set(widths)) == 1 else ("padded" if padded else "per-layer")
-    slice_model(model, masks, padded=layout == "padded")
+    attention = {}
+    if heads is not None:
+        attention = {"kept_kv_heads": heads.kept_indices(), "kv_heads": heads.kv_heads,
+                     "kv_heads_before": [mask.numel() for mask in heads.keep]}
+    uniform = len(set(widths)) == 1 and len(set(attention.get("kv_heads", [0]))) == 1
+    layout = "uniform" if uniform else ("padded" if padded else "per-layer")
+    slice_model(model, masks, padded=layout == "padded", heads=heads)
     count = count_parameters(model)
     record = {
         **report,
         "kept_indices": kept_indices,
         "widths": widths,
+        **attention,
         "export": {
             "layout": layout,
             "intermediate_size": max(widths),
+            **({"num_key_value_heads": model.config.num_key_value_heads} if heads is not None else {}),
             "stored_params": count.total,
         },
         "versions": library_versions(),
@@ -137,6 +190,8 @@ def export_pruned(
             tokenizer.save_pretrained(tmp)
         (tmp / "pruning.json").write_text(json.dumps(record, indent=1))
         (tmp / "README.md").write_text(model_card(record))
+        if extra is not None:
+            extra(tmp)
     return output_dir
 
 
@@ -151,13 +206,15 @@ def model_card(record: dict) -> str:
         else "```python\nimport sdmprune\nmodel, tokenizer = sdmprune.load_pruned(PATH)\n```\n"
         "(widths differ per layer; re-export with `--padded` for a copy plain transformers loads)"
     )
+    kv_heads = record.get("kv_heads")
+    removed = "MLP neurons and attention heads (whole key/value groups)" if kv_heads else "MLP neurons"
     lines = [
         "---",
         "tags: [sdmprune, pruned, structured-pruning]",
         "---",
         f"# {record.get('source_model', 'model')} pruned with sdmprune ({record['method']})",
         "",
-        f"MLP neurons were removed with the `{record['method']}` criterion; attention is unchanged.",
+        f"{removed} were removed with `{record['method']}`" + ("." if kv_heads else "; attention is unchanged."),
         "",
         "| | value |",
         "|---|---|",
@@ -168,6 +225,9 @@ def model_card(record: dict) -> str:
         f"| MLP widths | {record['widths_before'][0]} -> {min(widths)}..{max(widths)} ({layout}) |",
         f"| seed | {record['seed']} |",
     ]
+    if kv_heads:
+        before = record["kv_heads_before"][0]
+        lines.append(f"| key/value heads per layer | {before} -> {min(kv_heads)}..{max(kv_heads)} ({layout}) |")
     for name, result in record.get("evaluation", {}).items():
         lines.append(f"| perplexity {name} | {result} |")
     lines += ["", "## Loading", "", loading, "", "`pruning.json` lists the kept neuron indices of every layer.", ""]
@@ -196,13 +256,17 @@ def load_pruned(directory: str | Path, *, dtype: str = "auto", device: str = "au
     torch_device = resolve_device(device)
     config = AutoConfig.from_pretrained(directory)
     architecture = get_architecture(config.model_type)
+    per_layer = record["export"]["layout"] == "per-layer"
     stored: Sequence[int] = (
-        record["widths"] if record["export"]["layout"] == "per-layer"
-        else [record["export"]["intermediate_size"]] * len(record["widths"])
+        record["widths"] if per_layer else [record["export"]["intermediate_size"]] * len(record["widths"])
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for mlp, width in zip(architecture.mlps(model), stored, strict=True):
         _resize_mlp(architecture, mlp, torch.arange(width), width)
+    if per_layer and "kv_heads" in record:
+        group_size, head_dim = attention_group_shape(model)
+        for attention, n_groups in zip(architecture.attentions(model), record["kv_heads"], strict=True):
+            _resize_attention(architecture, attention, torch.arange(n_groups), n_groups, group_size, head_dim)
     missing, unexpected = model.load_state_dict(_load_state_dict(directory), strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:

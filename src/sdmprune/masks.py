@@ -1,16 +1,20 @@
-"""Neuron masks over MLP widths, applied by hooks without copying weights, and parameter counting.
+"""Masks over MLP neurons and attention heads, applied by hooks without copying weights, and parameter counting.
 
 A neuron i of layer l is row i of W_gate and W_up and column i of W_down. Zeroing the input of
 down_proj at i is exactly removing the neuron, so a mask is a forward pre-hook on down_proj. An
 optional per-layer bias (FLAP's compensation for the removed neurons' mean output) is added to
 down_proj's output by a forward hook, and switched off with the masks.
+
+An attention *group* is one key/value head with the G query heads that share it (GQA; G = 1 without
+it). Zeroing the o_proj input of the group's G query heads removes the group: its k/v rows and q rows
+then feed nothing. Removing whole groups keeps G, so a pruned layer is still an ordinary GQA layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,7 +22,58 @@ from torch import nn
 from .models.architectures import Architecture, get_architecture
 
 
-class NeuronMasks:
+class ChannelMasks:
+    """Per-layer multipliers on the input channels of one linear per layer, applied by forward pre-hooks.
+
+    `keep[l]` has shape (n_l,); entry i multiplies `repeat` consecutive input channels of `linears[l]`.
+    Boolean keep-masks (True = keep) for pruning; float gates while NutePrune learns them. While
+    `enabled`, the linears see their inputs multiplied; `disabled()` turns every mask off.
+    """
+
+    def __init__(self, linears: Sequence[nn.Module], keep: Sequence[torch.Tensor], repeat: int = 1):
+        if len(keep) != len(linears):
+            raise ValueError(f"{len(keep)} masks for {len(linears)} layers")
+        self.repeat = repeat
+        self.keep: list[torch.Tensor] = []
+        self.enabled = True
+        self._handles = []
+        for layer, (linear, mask) in enumerate(zip(linears, keep, strict=True)):
+            if mask.shape != (linear.in_features // repeat,):
+                raise ValueError(f"layer {layer}: mask shape {tuple(mask.shape)} != ({linear.in_features // repeat},)")
+            self.keep.append(mask.to(device=linear.weight.device))
+            self._handles.append(linear.register_forward_pre_hook(self._hook(layer)))
+
+    def _hook(self, layer: int):
+        def apply(module: nn.Module, args: tuple[torch.Tensor, ...]):
+            if not self.enabled:
+                return None
+            x, mask = args[0], self.keep[layer]
+            if self.repeat > 1:
+                mask = mask.repeat_interleave(self.repeat)
+            return (x * mask.to(x.dtype),) + args[1:]
+
+        return apply
+
+    def kept_indices(self) -> list[list[int]]:
+        return [torch.nonzero(mask).flatten().tolist() for mask in self.keep]
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the unmasked model: every mask off inside the block."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def remove(self) -> None:
+        """Detach the hooks; the model is unmasked again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class NeuronMasks(ChannelMasks):
     """Per-layer boolean keep-masks (True = keep) over MLP neurons, attached to a model.
 
     `keep[l]` has shape (I_l,), I_l the current width of layer l. While `enabled`, each down_proj
@@ -32,27 +87,9 @@ class NeuronMasks:
         downs = [self.architecture.projections(mlp)[2] for mlp in self.architecture.mlps(model)]
         if keep is None:
             keep = [torch.ones(down.in_features, dtype=torch.bool) for down in downs]
-        if len(keep) != len(downs):
-            raise ValueError(f"{len(keep)} masks for {len(downs)} layers")
-        self.keep: list[torch.Tensor] = []
+        super().__init__(downs, [mask.bool() for mask in keep])
         self.down_bias: list[torch.Tensor | None] = [None] * len(downs)  # (H,) each, or None
-        self.enabled = True
-        self._handles = []
-        for layer, (down, mask) in enumerate(zip(downs, keep, strict=True)):
-            if mask.shape != (down.in_features,):
-                raise ValueError(f"layer {layer}: mask shape {tuple(mask.shape)} != ({down.in_features},)")
-            self.keep.append(mask.to(device=down.weight.device, dtype=torch.bool))
-            self._handles.append(down.register_forward_pre_hook(self._hook(layer)))
-            self._handles.append(down.register_forward_hook(self._bias_hook(layer)))
-
-    def _hook(self, layer: int):
-        def apply(module: nn.Module, args: tuple[torch.Tensor, ...]):
-            if not self.enabled:
-                return None
-            x = args[0]
-            return (x * self.keep[layer].to(x.dtype),) + args[1:]
-
-        return apply
+        self._handles += [down.register_forward_hook(self._bias_hook(layer)) for layer, down in enumerate(downs)]
 
     def _bias_hook(self, layer: int):
         def add(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
@@ -73,23 +110,31 @@ class NeuronMasks:
         """Kept neurons per layer."""
         return [int(mask.sum()) for mask in self.keep]
 
-    def kept_indices(self) -> list[list[int]]:
-        return [torch.nonzero(mask).flatten().tolist() for mask in self.keep]
 
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Run the dense model: every mask off inside the block."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
+def attention_group_shape(model: nn.Module) -> tuple[int, int]:
+    """(G, d): query heads per key/value head and the head dimension, from the model's config."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads), head_dim
 
-    def remove(self) -> None:
-        """Detach the hooks; the model is dense again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+
+class HeadMasks(ChannelMasks):
+    """Per-layer boolean keep-masks (True = keep) over attention groups (a key/value head and its G
+    query heads), attached to a model: each o_proj sees the group's G·d input channels multiplied."""
+
+    def __init__(self, model: nn.Module, keep: Sequence[torch.Tensor] | None = None):
+        self.model = model
+        self.architecture: Architecture = get_architecture(model)
+        group_size, head_dim = attention_group_shape(model)
+        outs = [self.architecture.attention_projections(a)[3] for a in self.architecture.attentions(model)]
+        if keep is None:
+            keep = [torch.ones(o.in_features // (group_size * head_dim), dtype=torch.bool) for o in outs]
+        super().__init__(outs, [mask.bool() for mask in keep], repeat=group_size * head_dim)
+
+    @property
+    def kv_heads(self) -> list[int]:
+        """Kept key/value heads (groups) per layer."""
+        return [int(mask.sum()) for mask in self.keep]
 
 
 @dataclass(frozen=True)
@@ -101,10 +146,14 @@ class ParameterCount:
     mlp_per_layer: list[int]
     widths: list[int]  # MLP width per layer
     per_neuron: list[int]  # parameters removed with one neuron of each layer
+    kv_heads: list[int] = field(default_factory=list)  # attention groups (key/value heads) per layer
+    per_kv_head: list[int] = field(default_factory=list)  # parameters removed with one group of each layer
 
-    def after(self, widths: Sequence[int]) -> int:
-        """Total parameters once every layer l keeps `widths[l]` neurons."""
+    def after(self, widths: Sequence[int], kv_heads: Sequence[int] | None = None) -> int:
+        """Total parameters once every layer l keeps `widths[l]` neurons (and `kv_heads[l]` attention groups)."""
         removed = sum((w0 - w) * p for w0, w, p in zip(self.widths, widths, self.per_neuron, strict=True))
+        if kv_heads is not None:
+            removed += sum((k0 - k) * p for k0, k, p in zip(self.kv_heads, kv_heads, self.per_kv_head, strict=True))
         return self.total - removed
 
 
@@ -120,4 +169,13 @@ def count_parameters(model: nn.Module) -> ParameterCount:
             gate.in_features + up.in_features + down.out_features
             + (gate.bias is not None) + (up.bias is not None)
         )
-    return ParameterCount(total, sum(mlp_per_layer), mlp_per_layer, widths, per_neuron)
+    group_size, head_dim = attention_group_shape(model)
+    kv_heads, per_kv_head = [], []
+    for attention in architecture.attentions(model):
+        q, k, v, o = architecture.attention_projections(attention)
+        kv_heads.append(k.out_features // head_dim)
+        per_kv_head.append(
+            group_size * head_dim * (q.in_features + o.out_features + (q.bias is not None))
+            + head_dim * (k.in_features + v.in_features + (k.bias is not None) + (v.bias is not None))
+        )
+    return ParameterCount(total, sum(mlp_per_layer), mlp_per_layer, widths, per_neuron, kv_heads, per_kv_head)

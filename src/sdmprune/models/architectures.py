@@ -15,7 +15,7 @@ from ..errors import SdmpruneError
 
 @dataclass(frozen=True)
 class Architecture:
-    """Attribute names of a SwiGLU decoder: `y = down(act(gate(x)) * up(x))`."""
+    """Attribute names of a SwiGLU decoder: `y = down(act(gate(x)) * up(x))`, and of its attention."""
 
     layers: str = "model.layers"  # dotted path from the CausalLM to its list of decoder layers
     mlp: str = "mlp"  # attribute of a decoder layer
@@ -24,6 +24,11 @@ class Architecture:
     down: str = "down_proj"
     width_key: str = "intermediate_size"  # config field holding the MLP width
     bias_key: str | None = None  # boolean config field giving gate/up/down biases, if the architecture has one
+    attention: str = "self_attn"  # attribute of a decoder layer
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -37,6 +42,13 @@ class Architecture:
     def projections(self, mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         """(gate, up, down) linears of one MLP; gate/up weights are (I, H), down is (H, I)."""
         return getattr(mlp, self.gate), getattr(mlp, self.up), getattr(mlp, self.down)
+
+    def attentions(self, model: nn.Module) -> list[nn.Module]:
+        return [getattr(layer, self.attention) for layer in self.decoder_layers(model)]
+
+    def attention_projections(self, attention: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        """(q, k, v, o) linears of one attention block; q is (heads·d, H), k/v (kv_heads·d, H), o (H, heads·d)."""
+        return tuple(getattr(attention, name) for name in (self.q, self.k, self.v, self.o))
 
 
 ARCHITECTURES: dict[str, Architecture] = {}

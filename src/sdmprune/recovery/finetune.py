@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..errors import SdmpruneError
 from ..evaluation.perplexity import autocast_context, context_length
 from ..export import library_versions
-from ..io import atomic_directory, check_output_dir
+from ..io import atomic_directory, check_output_dir, flatten_optimizer, unflatten_optimizer
 from ..losses import kl_per_position
 from ..models import load_model
 from ..options import described
@@ -196,29 +196,6 @@ class Schedule:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as safetensors tensors (`<param index>.<key>`) plus JSON (param groups, non-tensors)."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in [*tensors.items(), *meta["scalars"].items()]:
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
-              for group in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
 def _save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, log: list, seconds: float,
                      run: dict) -> None:
     """Write `directory` atomically: adapter, optimizer, scheduler, RNG and progress (safetensors + JSON)."""
@@ -227,7 +204,7 @@ def _save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, lo
     with atomic_directory(directory, overwrite=True) as tmp:
         adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
         save_file(adapter, tmp / "adapter.safetensors")
-        optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
+        optimizer_tensors, optimizer_meta = flatten_optimizer(optimizer)
         save_file(optimizer_tensors, tmp / "optimizer.safetensors")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -249,7 +226,7 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler, run: dict) ->
                             f"({', '.join(changed)}); use the same command, or --overwrite to start over")
     set_peft_model_state_dict(model, load_file(directory / "adapter.safetensors"))  # copied onto the model's device
     # load_state_dict moves the moments to their parameters' devices
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(directory / "optimizer.safetensors"),
+    optimizer.load_state_dict(unflatten_optimizer(load_file(directory / "optimizer.safetensors"),
                                                    state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(directory / "rng.safetensors")
