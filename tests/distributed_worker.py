@@ -1,0 +1,75 @@
+"""Prune tiny Llamas in several settings; run in one process by tests/test_distributed.py, and under
+`torchrun --nproc-per-node 2 tests/distributed_worker.py OUT` by the same test.
+
+Each case leaves, in OUT/<case>/, the run state of `prune` (final scores and masks, written by rank 0) and
+`bias.safetensors` (the compensation bias, if any). Cases with `fsdp` shard the model with FSDP2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from conftest import tiny_model
+from safetensors.torch import save_file
+
+from sdmprune import SdmpruneError, prune
+from sdmprune.distributed import init_from_env, is_main, shard_model, shutdown
+
+# 5 windows: an uneven share for 2 processes (3 + 2 micro-batches, FSDP runs a filler pass on one of them)
+WINDOWS, SEQ = 5, 16
+SETTINGS = dict(mlp_ratio=0.5, cold_start=0.1, seed=1)
+CASES = {
+    "taylor": dict(criterion="taylor", steps=2),
+    "sdmprune": dict(criterion="sdmprune", steps=2),  # activation-wanda, masks-off teacher, cold start
+    "sdmprune-weight-copy": dict(criterion="sdmprune", importance="weight", teacher="copy"),
+    "flap": dict(criterion="flap", micro_batch=2),  # activation statistics merged across processes + bias
+    "taylor-fsdp": dict(criterion="taylor", fsdp=True),
+    "sdmprune-fsdp": dict(criterion="sdmprune", steps=2, fsdp=True),
+    "wanda-sp-fsdp": dict(criterion="wanda-sp", micro_batch=2, fsdp=True),
+}
+REFUSED_UNDER_FSDP = {"weight": dict(criterion="sdmprune", importance="weight"),
+                      "copy": dict(criterion="sdmprune", teacher="copy")}
+
+
+def calibration() -> torch.Tensor:
+    return torch.randint(0, 256, (WINDOWS, SEQ), generator=torch.Generator().manual_seed(5))
+
+
+def run_case(name: str, output: Path, *, shard: bool) -> None:
+    settings = dict(CASES[name])
+    fsdp = settings.pop("fsdp", False)
+    model = tiny_model("llama")
+    if fsdp and shard:
+        shard_model(model)
+    result = prune(model, calibration=calibration(), state_dir=output / name, **SETTINGS, **settings)
+    biases = {f"bias.{i}": b.cpu() for i, b in enumerate(result.masks.down_bias) if b is not None}
+    if biases and is_main():
+        save_file(biases, output / name / "bias.safetensors")
+
+
+def refusals() -> dict[str, str]:
+    """The SdmpruneError of each setting refused under FSDP."""
+    messages = {}
+    for name, settings in REFUSED_UNDER_FSDP.items():
+        model = shard_model(tiny_model("llama"))
+        try:
+            prune(model, calibration=calibration(), **SETTINGS, **settings)
+            messages[name] = "accepted"
+        except SdmpruneError as error:
+            messages[name] = str(error)
+    return messages
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    init_from_env()
+    for case in CASES:
+        run_case(case, out, shard=True)
+    messages = refusals()
+    if is_main():
+        (out / "refusals.json").write_text(json.dumps(messages))
+    shutdown()
