@@ -14,6 +14,7 @@ from .allocation import ALLOCATIONS
 from .criteria import CRITERIA, get_criterion
 from .criteria.sdmprune import IMPORTANCES
 from .data import TEXT_DATASETS, load_calibration, load_text
+from .distributed import barrier, init_from_env, is_main, is_sharded, shard_model, shutdown, unshard_for_export
 from .errors import SdmpruneError
 from .evaluation.perplexity import perplexity, tokenize_windows
 from .evaluation.tasks import ALL_TASKS, evaluate_tasks, parse_task_names, resolve_tasks, write_results
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the state saved in --output after each step")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model over the processes of a torchrun / accelerate launch with FSDP2 (for models "
+                        "that do not fit on one device); every process must pass it")
     p.add_argument("--padded", action="store_true",
                    help="if widths differ per layer, zero-pad every layer to the widest so plain transformers loads it")
     _add_ppl_args(p, default_data="wikitext2", default_tokens=16384, bf16_flag=False)
@@ -157,7 +161,8 @@ def _load(args) -> tuple:
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
                                   trust_remote_code=args.trust_remote_code)
-    print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if is_main():
+        print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model, tokenizer
 
 
@@ -195,7 +200,11 @@ def run_prune(args) -> None:
     config.validate()
     resume = _prepare_output(args)
 
+    if args.fsdp:
+        args.device = "cpu"  # fully_shard moves each process's shard to its own GPU (or keeps it on the CPU)
     model, tokenizer = _load(args)
+    if args.fsdp:
+        shard_model(model)
     windows = _ppl_windows(args, model, tokenizer)
     before_count = count_parameters(model)
     check_plan(model, config)
@@ -208,15 +217,21 @@ def run_prune(args) -> None:
             args.calib, tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=config.seed,
             model=model, data_dir=args.data_dir, temperature=args.calib_temperature, top_p=args.calib_top_p,
         )
-    if Path(args.output).exists() and not resume:
+    if Path(args.output).exists() and not resume and is_main():
         shutil.rmtree(args.output)  # --overwrite: the run state goes into the output directory
+    barrier()
     result = prune(model, config, calibration=calibration, calibration_summary=calibration_summary,
                    state_dir=args.output, resume=resume)
     if windows is not None:
         evaluation["after"] = _ppl(args, model, tokenizer, windows)
     report = {**result.report, "source_model": args.model, "evaluation": evaluation}
+    exported = unshard_for_export(model, result.masks) if is_sharded(model) else (model, result.masks)
+    if not is_main():  # rank 0 exports and reports
+        return
+    export_model, export_masks = exported
     # The output directory holds the run state until the export replaces it.
-    export_pruned(model, tokenizer, result.masks, args.output, report=report, overwrite=True, padded=args.padded)
+    export_pruned(export_model, tokenizer, export_masks, args.output, report=report, overwrite=True,
+                  padded=args.padded)
 
     achieved = result.report["achieved"]
     print(f"\n{args.model} -> {args.output}  ({config.criterion}, {config.allocation})")
@@ -253,8 +268,11 @@ def run_eval(args) -> None:
     if windows is None and not names:
         raise SdmpruneError("nothing to evaluate: pass --ppl-data or --tasks")
     result = {"model": args.model}
-    if windows is not None:
+    if windows is not None:  # several processes: each evaluates a share of the windows
         result["perplexity"] = ppl = _ppl(args, model, tokenizer, windows)
+    if not is_main():  # rank 0 alone runs the zero-shot tasks and writes the results
+        return
+    if windows is not None:
         print(f"perplexity {ppl['ppl']:.3f} on {args.ppl_data} ({ppl['tokens']} tokens, windows of "
               f"{ppl['seq_len']}, {ppl['tokens_per_s']:.0f} tokens/s)")
     if names:
@@ -318,11 +336,15 @@ def run_inspect(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    joined = init_from_env()  # under torchrun / accelerate launch: join the other processes
     try:
         {"prune": run_prune, "eval": run_eval, "finetune": run_finetune, "inspect": run_inspect}[args.command](args)
     except SdmpruneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if joined:
+            shutdown()
     return 0
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from .allocation import achieved, allocate_widths, keep_top, kept_budget
 from .criteria import ScoringContext, compute_scores, get_criterion
 from .criteria.activations import compensate_bias
+from .distributed import barrier, broadcast_from_main, broadcast_masks, is_main
 from .errors import SdmpruneError
 from .io import atomic_file
 from .masks import NeuronMasks, ParameterCount, count_parameters
@@ -100,7 +101,11 @@ class RunState:
         return self.directory is not None and (self.directory / STATE_JSON).is_file()
 
     def save(self, config_dict: dict, done: int, masks: NeuronMasks, scores: list[torch.Tensor], log: list) -> None:
+        """Rank 0 writes; with several processes all wait until it has (each may read the state later)."""
         if self.directory is None:
+            return
+        if not is_main():
+            barrier()
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"keep.{i}": m.to(torch.uint8).cpu() for i, m in enumerate(masks.keep)}
@@ -111,6 +116,7 @@ class RunState:
         record = {"config": config_dict, "steps_done": done, "log": log}
         with atomic_file(self.directory / STATE_JSON) as tmp:  # written last: it marks the step done
             tmp.write_text(json.dumps(record, indent=1))
+        barrier()
 
     def load(self, config_dict: dict) -> tuple[int, list[torch.Tensor], list]:
         record = json.loads((self.directory / STATE_JSON).read_text())
@@ -140,6 +146,8 @@ def run_schedule(
     if compensate and calibration is None:
         raise SdmpruneError("bias compensation needs calibration data (the removed neurons' mean output): pass "
                             "--calib, or --no-bias-compensation")
+    if calibration is not None:  # several processes: every one scores its share of rank 0's windows
+        calibration = broadcast_from_main(calibration)
     needs_teacher = any(s.alpha > 0 for s in steps)
     copy_teacher = copy_teacher_before_masking(model, config.teacher) if needs_teacher else None
     torch.manual_seed(config.seed)
@@ -159,7 +167,7 @@ def run_schedule(
         scores = compute_scores(config.criterion, context)
         widths = allocate_widths(count, step.budget, allocation=config.allocation,
                                  width_multiple=config.width_multiple, scores=scores)
-        masks.update(keep_top(scores, widths))
+        masks.update(broadcast_masks(keep_top(scores, widths)))  # rank 0 decides for every process
         log.append({"step": index + 1, "stage": step.stage, "alpha": step.alpha, "temperature": step.temperature,
                     "widths": widths, "seconds": round(time.perf_counter() - start, 3)})
         state.save(config_dict, index + 1, masks, scores, log)

@@ -1,6 +1,7 @@
 """The teacher for self-distillation: the same model with its masks off, or a separate frozen copy.
 
-The default costs no memory: the masks-off pass runs the dense model under `torch.inference_mode()`.
+The default costs no memory: the masks-off pass runs the dense model under `torch.inference_mode()`
+(`torch.no_grad()` for an FSDP-sharded model).
 `copy` holds a second full model, as the official SDMPrune code does, for comparison.
 """
 
@@ -12,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .distributed import inference_context, is_sharded
 from .errors import SdmpruneError
 from .masks import NeuronMasks
 
@@ -30,7 +32,7 @@ class MasksOffTeacher:
         self.model, self.masks = model, masks
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with self.masks.disabled(), torch.inference_mode():
+        with self.masks.disabled(), inference_context(self.model):
             logits = self.model(input_ids=ids, use_cache=False).logits
         return logits.clone()  # an ordinary tensor, so autograd may save it
 
@@ -39,6 +41,9 @@ class CopyTeacher:
     """A frozen deep copy of the dense model (twice the weight memory)."""
 
     def __init__(self, model: nn.Module):
+        if is_sharded(model):
+            raise SdmpruneError("an FSDP-sharded model cannot be deep-copied: use --teacher masks-off (the same "
+                                "dense logits, no second copy) or drop --fsdp")
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import MicroBatch, is_sharded, shard_windows, world_size
 from ..errors import SdmpruneError
 from ..masks import NeuronMasks
 from ..teacher import Teacher
@@ -32,6 +33,19 @@ class ScoringContext:
     micro_batch: int = 1  # windows per backward pass (SDMPrune takes |.| per micro-batch)
     bf16: bool = False  # bf16 autocast for the forward/backward passes
     importance: str = "weight"  # sdmprune: weight-space Taylor (the paper) or an activation-space variant
+
+    def micro_batches(self) -> list[MicroBatch]:
+        """This process's micro-batches of the calibration windows (all of them in a single process).
+
+        Several processes (torchrun) each score a disjoint share; a criterion sums its partial results with
+        `distributed.all_reduce_sum` where they are complete, before any nonlinear step.
+        """
+        share = shard_windows(self.calibration, self.micro_batch, lockstep=is_sharded(self.model))
+        if not any(batch.counts for batch in share):
+            batches = -(-self.calibration.shape[0] // self.micro_batch)
+            raise SdmpruneError(f"{batches} calibration micro-batches for {world_size()} processes: each process "
+                                "needs at least one; use more --calib-samples or fewer processes")
+        return share
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import all_reduce_sum, gathered, inference_context, is_main, world_size
 from ..evaluation.perplexity import autocast_context
 from . import ScoringContext
 
@@ -36,7 +37,6 @@ class ActivationStats:
         return self.m2[layer] / max(self.tokens - 1, 1)
 
 
-@torch.inference_mode()
 def collect_activation_stats(context: ScoringContext, *, dense: bool = False) -> ActivationStats:
     """One forward pass over the calibration windows; `dense` runs with every mask off."""
     architecture = context.masks.architecture
@@ -45,8 +45,12 @@ def collect_activation_stats(context: ScoringContext, *, dense: bool = False) ->
     stats = ActivationStats(0, [z.clone() for z in zeros], [z.clone() for z in zeros], [z.clone() for z in zeros])
     seen = [0] * len(downs)
 
+    recording = True  # False during FSDP filler passes
+
     def hook(layer: int):
         def record(module, args):
+            if not recording:
+                return
             x = args[0].detach().flatten(0, -2).float()  # (tokens, I)
             n_a, n_b = seen[layer], x.shape[0]
             mean_b = x.mean(0)
@@ -61,15 +65,37 @@ def collect_activation_stats(context: ScoringContext, *, dense: bool = False) ->
     handles = [down.register_forward_pre_hook(hook(layer)) for layer, down in enumerate(downs)]
     device = downs[0].weight.device
     try:
-        with context.masks.disabled() if dense else nullcontext(), autocast_context(device, context.bf16):
-            for batch in tqdm(context.calibration.split(context.micro_batch), desc="activation statistics",
-                              unit="batch", leave=False):
-                context.model(input_ids=batch.to(device), use_cache=False)
+        with (context.masks.disabled() if dense else nullcontext(), autocast_context(device, context.bf16),
+              inference_context(context.model)):
+            for batch in tqdm(context.micro_batches(), desc="activation statistics", unit="batch", leave=False,
+                              disable=not is_main()):
+                recording = batch.counts
+                context.model(input_ids=batch.ids.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     stats.tokens = seen[0]
-    return stats
+    return merge_over_processes(stats)
+
+
+def merge_over_processes(stats: ActivationStats) -> ActivationStats:
+    """The statistics of every process's tokens together (identity in a single process).
+
+    Exact pairwise merge in float64: the token-weighted mean first, then each process's M2 moved to that
+    mean, `m2 + n·(mean - global mean)²`, summed; `sum_sq` and the counts simply add.
+    """
+    if world_size() == 1:
+        return stats
+    n = stats.tokens
+    count = torch.tensor([float(n)], dtype=torch.float64, device=stats.mean[0].device)
+    totals = [mean.double() * n for mean in stats.mean]
+    sum_sq = [q.double() for q in stats.sum_sq]
+    all_reduce_sum([count, *totals, *sum_sq])
+    tokens = int(count.item())
+    means = [total / tokens for total in totals]
+    m2 = [v.double() + n * (m.double() - g).pow(2) for v, m, g in zip(stats.m2, stats.mean, means, strict=True)]
+    all_reduce_sum(m2)
+    return ActivationStats(tokens, [m.float() for m in means], [v.float() for v in m2], [q.float() for q in sum_sq])
 
 
 def compensate_bias(context: ScoringContext) -> None:
@@ -78,7 +104,7 @@ def compensate_bias(context: ScoringContext) -> None:
     architecture = context.masks.architecture
     biases = []
     for layer, (mlp, keep) in enumerate(zip(architecture.mlps(context.model), context.masks.keep, strict=True)):
-        down = architecture.projections(mlp)[2].weight.detach().float()  # (H, I)
+        down = gathered(architecture.projections(mlp)[2].weight).detach().float()  # (H, I)
         removed = (~keep).float() * stats.mean[layer]  # (I,): mean output of removed neurons, 0 for kept
         biases.append(down @ removed)
     context.masks.down_bias = biases

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import gathered
 from . import ScoringContext, register_criterion
 from .activations import collect_activation_stats
 
@@ -24,6 +25,6 @@ def flap(context: ScoringContext) -> list[torch.Tensor]:
     stats = collect_activation_stats(context)
     architecture = context.masks.architecture
     return [
-        stats.variance(layer) * architecture.projections(mlp)[2].weight.detach().float().pow(2).sum(0)
+        stats.variance(layer) * gathered(architecture.projections(mlp)[2].weight).detach().float().pow(2).sum(0)
         for layer, mlp in enumerate(architecture.mlps(context.model))
     ]

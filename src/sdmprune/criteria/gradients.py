@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import is_main
 from ..errors import SdmpruneError
 from ..evaluation.perplexity import autocast_context
 from ..losses import self_distillation_loss
@@ -44,16 +45,15 @@ def gradients_on_mlp_only(model: nn.Module, weights: list[MLPWeights]) -> Iterat
 
 
 def loss_backward_passes(context: ScoringContext, description: str) -> Iterator[int]:
-    """For each micro-batch of calibration windows: forward, self-distillation loss, backward.
+    """For each micro-batch of this process's calibration windows: forward, self-distillation loss, backward.
 
     Yields the micro-batch's window count after its backward, with the gradients in `.grad`
     (accumulated across micro-batches unless the caller clears them). Stops on a non-finite loss.
+    A filler pass (FSDP lockstep) backpropagates a zero loss and yields nothing.
     """
-    ids_all = context.calibration
     device = next(context.model.parameters()).device
-    batches = ids_all.split(context.micro_batch)
-    for batch in tqdm(batches, desc=description, unit="batch", leave=False):
-        ids = batch.to(device)
+    for batch in tqdm(context.micro_batches(), desc=description, unit="batch", leave=False, disable=not is_main()):
+        ids = batch.ids.to(device)
         with autocast_context(device, context.bf16):
             teacher_logits = context.teacher.logits(ids) if context.alpha > 0 else None
             logits = context.model(input_ids=ids, use_cache=False).logits
@@ -63,9 +63,11 @@ def loss_backward_passes(context: ScoringContext, description: str) -> Iterator[
                 f"{description}: the loss is not finite ({loss.item()}); the model or calibration data produce "
                 "inf/nan (try float32 weights, no --bf16, or other calibration text)"
             )
+        if not batch.counts:
+            (loss * 0).backward()
+            continue
         loss.backward()
         yield ids.shape[0]
-
 
 
 def activation_gradient_passes(

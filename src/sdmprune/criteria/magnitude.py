@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import gathered
 from . import ScoringContext, register_criterion
 
 
@@ -14,11 +15,7 @@ def magnitude(context: ScoringContext) -> list[torch.Tensor]:
     architecture = context.masks.architecture
     scores = []
     for mlp in architecture.mlps(context.model):
-        gate, up, down = architecture.projections(mlp)
-        squared = (
-            gate.weight.float().pow(2).sum(dim=1)
-            + up.weight.float().pow(2).sum(dim=1)
-            + down.weight.float().pow(2).sum(dim=0)
-        )
+        gate, up, down = (gathered(linear.weight).float() for linear in architecture.projections(mlp))
+        squared = gate.pow(2).sum(dim=1) + up.pow(2).sum(dim=1) + down.pow(2).sum(dim=0)
         scores.append(squared.sqrt())
     return scores

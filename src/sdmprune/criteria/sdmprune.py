@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import all_reduce_sum, gathered, is_sharded
+from ..errors import SdmpruneError
 from . import ScoringContext, register_criterion
 from .gradients import activation_gradient_passes, gradients_on_mlp_only, loss_backward_passes, mlp_weights
 from .wanda_sp import structured_wanda
@@ -29,24 +31,24 @@ IMPORTANCES = ("activation-wanda", "weight", "activation", "fisher")
 
 def activation_importance(context: ScoringContext, description: str) -> list[torch.Tensor]:
     """Scores from one pass of (a, ∂L/∂a) pairs, per `context.importance` (see the module docstring)."""
-    first_order = second_order = squares = None
+    first_order, second_order, squares = (
+        [torch.zeros(keep.numel(), dtype=torch.float32, device=keep.device) for keep in context.masks.keep]
+        for _ in range(3)
+    )
     for pairs in activation_gradient_passes(context, description):
-        products = [a.float() * g.float() for a, g in pairs]  # (tokens, I) each
-        batch = ([p.abs().sum(0) for p in products], [p.pow(2).sum(0) for p in products],
-                 [a.float().pow(2).sum(0) for a, _ in pairs])
-        if first_order is None:
-            first_order, second_order, squares = batch
-        else:
-            for total, part in zip((first_order, second_order, squares), batch, strict=True):
-                for layer, value in enumerate(part):
-                    total[layer] += value
+        for layer, (a, g) in enumerate(pairs):  # (tokens, I) each
+            product = a.float() * g.float()
+            first_order[layer] += product.abs().sum(0)
+            second_order[layer] += product.pow(2).sum(0)
+            squares[layer] += a.float().pow(2).sum(0)
+    all_reduce_sum(first_order + second_order + squares)  # sums over processes, before the nonlinear steps
     if context.importance == "activation":
         return first_order
     if context.importance == "fisher":
         return second_order
     architecture = context.masks.architecture
     downs = [architecture.projections(mlp)[2].weight for mlp in architecture.mlps(context.model)]
-    return [(taylor * structured_wanda(down, sq.sqrt())).sqrt()
+    return [(taylor * structured_wanda(gathered(down), sq.sqrt())).sqrt()
             for taylor, sq, down in zip(first_order, squares, downs, strict=True)]
 
 
@@ -56,6 +58,10 @@ def sdmprune(context: ScoringContext) -> list[torch.Tensor]:
     description = f"sdmprune α={context.alpha:g} T={context.temperature:g}"
     if context.importance in ACTIVATION_IMPORTANCES:
         return activation_importance(context, description)
+    if is_sharded(context.model):
+        raise SdmpruneError("--importance weight takes |.| of each micro-batch's own weight gradient, which FSDP "
+                            "sums over processes before anyone sees it: drop --fsdp, or use an activation-space "
+                            f"importance ({', '.join(ACTIVATION_IMPORTANCES)}; activation-wanda is the default)")
     weights = mlp_weights(context)
     scores = [torch.zeros(gate.shape[0], dtype=torch.float32, device=gate.device) for gate, _, _ in weights]
     with gradients_on_mlp_only(context.model, weights):
@@ -66,4 +72,5 @@ def sdmprune(context: ScoringContext) -> list[torch.Tensor]:
                     score += product.float().abs().mean(dim=1)
                     for weight in (gate, up, down):
                         weight.grad = None
+    all_reduce_sum(scores)
     return scores

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import torch
 
+from ..distributed import all_reduce_sum, gathered, is_sharded
 from . import ScoringContext, register_criterion
 from .gradients import gradients_on_mlp_only, loss_backward_passes, mlp_weights
 
@@ -19,9 +20,11 @@ def taylor(context: ScoringContext) -> list[torch.Tensor]:
     with gradients_on_mlp_only(context.model, weights):
         for _ in loss_backward_passes(context, "taylor"):
             pass  # gradients accumulate over all micro-batches: one batched gradient of the summed loss
-        with torch.no_grad():
+        if not is_sharded(context.model):  # FSDP has already summed them over processes (reduce-scatter)
+            all_reduce_sum([weight.grad for triple in weights for weight in triple])
+        with torch.no_grad():  # under FSDP the products are row shards (DTensors), gathered once summed
             return [
-                ((gate * gate.grad).float().abs().sum(1) + (up * up.grad).float().abs().sum(1)
-                 + (down * down.grad).float().abs().sum(0)) / windows
+                gathered((gate * gate.grad).float().abs().sum(1) + (up * up.grad).float().abs().sum(1)
+                         + (down * down.grad).float().abs().sum(0)) / windows
                 for gate, up, down in weights
             ]

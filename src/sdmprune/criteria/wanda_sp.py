@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import gathered
 from . import ScoringContext, register_criterion
 from .activations import collect_activation_stats
 
@@ -19,6 +20,6 @@ def wanda_sp(context: ScoringContext) -> list[torch.Tensor]:
     stats = collect_activation_stats(context)
     architecture = context.masks.architecture
     return [
-        structured_wanda(architecture.projections(mlp)[2].weight, stats.norm(layer))
+        structured_wanda(gathered(architecture.projections(mlp)[2].weight), stats.norm(layer))
         for layer, mlp in enumerate(architecture.mlps(context.model))
     ]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import inference_context, is_main
 from ..errors import SdmpruneError
 from ..evaluation.perplexity import context_length
 from .text import CALIBRATION_DATASETS, dataset_documents, read_jsonl
@@ -85,7 +86,6 @@ def _sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator
     return order.gather(-1, choice).squeeze(-1)
 
 
-@torch.inference_mode()
 def sample_from_model(
     model: nn.Module, tokenizer, n_samples: int, seq_len: int, seed: int, temperature: float, top_p: float
 ) -> torch.Tensor:
@@ -105,7 +105,8 @@ def sample_from_model(
     if tokenizer.eos_token_id is not None:
         banned[tokenizer.eos_token_id] = True
     samples = torch.empty(n_samples, seq_len, dtype=torch.long)
-    with tqdm(total=n_samples * (seq_len - 1), desc="calibration (self)", unit="tok", leave=False) as bar:
+    with inference_context(model), tqdm(total=n_samples * (seq_len - 1), desc="calibration (self)", unit="tok",
+                                        leave=False, disable=not is_main()) as bar:
         for first in range(0, n_samples, SELF_BATCH):
             ids = torch.full((min(SELF_BATCH, n_samples - first), seq_len), start_id, dtype=torch.long, device=device)
             cache = None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import all_reduce_sum, inference_context, is_main, is_sharded, shard_windows
 from ..errors import SdmpruneError
 
 
@@ -47,7 +48,6 @@ def autocast_context(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-@torch.inference_mode()
 def perplexity(
     model: nn.Module,
     tokenizer,
@@ -67,17 +67,18 @@ def perplexity(
     """
     windows = text if isinstance(text, torch.Tensor) else tokenize_windows(tokenizer, text, seq_len, max_tokens, model)
     device = next(model.parameters()).device
-    window_nll = []
+    window_nll = torch.zeros(windows.shape[0], dtype=torch.float64)
     start = time.perf_counter()
-    batches = windows.split(batch_size)
-    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
-        batch = batch.to(device)
-        with autocast_context(device, bf16):
-            logits = model(input_ids=batch, use_cache=False).logits
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none")  # (B, S-1)
-        window_nll.append(nll.mean(1).double().cpu())
+    batches = shard_windows(windows, batch_size, lockstep=is_sharded(model))  # all of them in a single process
+    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not (progress and is_main()), leave=False):
+        ids = batch.ids.to(device)
+        with inference_context(model), autocast_context(device, bf16):
+            logits = model(input_ids=ids, use_cache=False).logits
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")  # (B, S-1)
+        if batch.counts:
+            window_nll[batch.start:batch.start + ids.shape[0]] = nll.mean(1).double().cpu()
+    all_reduce_sum([window_nll])  # several processes: each window was filled by exactly one
     seconds = time.perf_counter() - start
-    window_nll = torch.cat(window_nll)
     mean_nll = window_nll.mean().item()  # every window predicts seq_len - 1 tokens: the mean over tokens
     predicted = windows.shape[0] * (windows.shape[1] - 1)
     if not math.isfinite(mean_nll):

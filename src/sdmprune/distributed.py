@@ -1,0 +1,224 @@
+"""Several processes (torchrun / accelerate launch): the process group, sharded calibration, reductions, FSDP2.
+
+Everything here is the identity in a single process, so the rest of the package calls it unconditionally:
+
+- `init_from_env()` joins the group that `torchrun` or `accelerate launch` describe in the environment
+  (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL with one GPU per LOCAL_RANK, else Gloo.
+- `shard_windows` gives each process a contiguous share of the calibration micro-batches, cut exactly as a
+  single process cuts them (SDMPrune's weight importance takes |.| per micro-batch).
+- `all_reduce_sum` adds partial sums over processes; `broadcast_from_main` makes rank 0's decision everyone's.
+- `shard_model` applies FSDP2 (`fully_shard`) per decoder layer and to the root, with gradients summed (not
+  averaged) over processes; `gathered` and `unshard_for_export` bring sharded tensors back whole.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import SdmpruneError
+from .masks import NeuronMasks
+from .models.architectures import get_architecture
+
+BUCKET_ELEMENTS = 1 << 27  # largest flattened buffer per all-reduce (512 MiB in fp32)
+
+
+# ----------------------------------------------------------------------------- the process group
+
+
+def init_from_env() -> bool:
+    """Join the process group described by the launcher's environment; False if there is none to join or it
+    is already initialised (by the caller, who then also destroys it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise SdmpruneError("this PyTorch build has no torch.distributed: run a single process")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # so device "cuda" is this process's GPU
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main() -> bool:
+    """True on the process that writes outputs, prints and shows progress bars (rank 0)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    """Where collective buffers live: the current GPU under NCCL, the CPU under Gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- data and reductions
+
+
+class MicroBatch(NamedTuple):
+    start: int  # index of its first window among all windows
+    ids: torch.Tensor  # (b, S) token ids
+    counts: bool  # False: a filler pass that only keeps FSDP's collectives in step; discard its results
+
+
+def shard_windows(
+    windows: torch.Tensor, micro_batch: int, *, lockstep: bool = False, process: int | None = None,
+    processes: int | None = None,
+) -> list[MicroBatch]:
+    """This process's contiguous share of `windows` (N, S), cut into micro-batches of `micro_batch` windows.
+
+    The cut is the single-process one; process r of P takes micro-batches [r·n/P, (r+1)·n/P) of the n.
+    With `lockstep` (an FSDP model, whose forward and backward are collectives) every process returns
+    ceil(n/P) micro-batches, the missing ones as fillers (`counts=False`, a repeat of the first).
+    `process` / `processes` default to this process's rank and the world size.
+    """
+    process = rank() if process is None else process
+    world = world_size() if processes is None else processes
+    batches = windows.split(micro_batch)
+    first, last = process * len(batches) // world, (process + 1) * len(batches) // world
+    share = [MicroBatch(i * micro_batch, batches[i], True) for i in range(first, last)]
+    if lockstep:
+        share += [MicroBatch(0, batches[0], False)] * (-(-len(batches) // world) - len(share))
+    return share
+
+
+def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive runs of one dtype holding at most BUCKET_ELEMENTS elements (a longer tensor goes alone)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for tensor in tensors:
+        if not buckets or buckets[-1][0].dtype != tensor.dtype or size + tensor.numel() > BUCKET_ELEMENTS:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(tensor)
+        size += tensor.numel()
+    return buckets
+
+
+@torch.no_grad()
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
+    """Replace each tensor, in place, by its sum over processes: one flattened all-reduce per bucket."""
+    if world_size() == 1 or not tensors:
+        return
+    device = _comm_device()
+    for bucket in _buckets(tensors):
+        flat = torch.cat([t.reshape(-1).to(device) for t in bucket])
+        dist.all_reduce(flat)
+        for tensor, part in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
+            tensor.copy_(part.view_as(tensor))
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` on every process (same dtype everywhere; shapes may differ, rank 0's wins)."""
+    if world_size() == 1:
+        return tensor
+    device = _comm_device()
+    shape = torch.tensor(tensor.shape if is_main() else [0] * tensor.dim(), dtype=torch.long, device=device)
+    dist.broadcast(shape, src=0)
+    buffer = tensor.to(device).contiguous() if is_main() else torch.empty(shape.tolist(), dtype=tensor.dtype,
+                                                                           device=device)
+    dist.broadcast(buffer, src=0)
+    return buffer.to(tensor.device)
+
+
+def broadcast_masks(keep: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Rank 0's boolean keep-masks on every process, in one broadcast (as uint8: Gloo has no bool)."""
+    if world_size() == 1:
+        return list(keep)
+    flat = broadcast_from_main(torch.cat([k.reshape(-1) for k in keep]).to(torch.uint8))
+    return [part.view_as(k).to(device=k.device, dtype=torch.bool)
+            for k, part in zip(keep, flat.split([k.numel() for k in keep]), strict=True)]
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` was sharded by FSDP2's `fully_shard`."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2, nothing can be sharded
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module, layers: Sequence[nn.Module] | None = None) -> nn.Module:
+    """FSDP2: `fully_shard` each decoder layer (default: the architecture's), then the root, over all processes.
+
+    Parameters move to this process's device (its GPU, else the CPU) as 1/P shards. Gradients are reduce-
+    scattered as SUMS over processes: Taylor scores and the recovery loss are normalised by global counts.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError as error:
+        raise SdmpruneError("--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6): upgrade "
+                            "torch or run without --fsdp") from error
+    if world_size() == 1:
+        raise SdmpruneError("--fsdp shards the model over several processes: launch with `torchrun "
+                            "--nproc-per-node N -m sdmprune.cli ...` or `accelerate launch`, or drop --fsdp")
+    for layer in get_architecture(model).decoder_layers(model) if layers is None else layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (Gloo has no PREMUL_SUM)
+    return model
+
+
+def inference_context(model: nn.Module):
+    """`torch.inference_mode()`, or `torch.no_grad()` for an FSDP model: FSDP refills the same unsharded-parameter
+    buffers on every pass, and buffers first allocated under inference mode could not serve autograd later."""
+    return torch.no_grad() if is_sharded(model) else torch.inference_mode()
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a tensor FSDP sharded (an all-gather: call it on every process), else `tensor` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def unshard_for_export(model: nn.Module, masks: NeuronMasks) -> tuple[nn.Module, NeuronMasks] | None:
+    """A plain copy of an FSDP `model` on rank 0's CPU with `masks` attached (None elsewhere); call on every
+    process. The full state comes from `get_model_state_dict(full_state_dict=True)`; buffers, which FSDP
+    does not shard, are copied from the local module."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main():
+        return None
+    plain_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        plain = plain_class(model.config)
+    plain.load_state_dict(state, assign=True)
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[leaf] = buffer.detach().to("cpu", copy=True)
+    plain.tie_weights()
+    plain_masks = NeuronMasks(plain.eval(), masks.keep)
+    plain_masks.down_bias = list(masks.down_bias)
+    return plain, plain_masks
