@@ -14,6 +14,8 @@ Stages, each an `sdmprune` CLI command run in-process (the exact commands go int
 4. LoRA-recover it on alpaca_data_1k.json (1 epoch, bf16, max-len 256) and merge;
 5. evaluate the merged model the same way.
 Writes bench/results/recovery_eval.json and recovery_eval.md; the models go under --work-dir.
+`--limit-pruned` evaluates the pruned and recovered models on fewer items; `--reuse-dense DIR` takes stage 1
+from an earlier run's `eval-dense` directory.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=0.2, help="fraction of total parameters removed")
     parser.add_argument("--pruned", type=Path, default=None, help="reuse this pruned directory (skips stage 2)")
     parser.add_argument("--limit", type=int, default=200, help="items per task")
+    parser.add_argument("--limit-pruned", type=int, default=None,
+                        help="items per task for the pruned and recovered models (default: --limit)")
+    parser.add_argument("--reuse-dense", type=Path, default=None,
+                        help="an earlier `evaluate dense` output directory of this script to reuse (skips stage 1)")
     parser.add_argument("--epochs", type=int, default=1, help="recovery epochs")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/recovery-eval"),
                         help="where the pruned, recovered and evaluation directories go (replaced on re-run)")
@@ -59,11 +65,18 @@ def run(argv: list[str], stages: list[dict], name: str) -> None:
     stages.append({"stage": name, "command": command, "seconds": round(time.perf_counter() - start, 1)})
 
 
+def eval_argv(model: str, output: Path, limit: int) -> list[str]:
+    return ["eval", "--model", model, "--tasks", ",".join(ALL_TASKS), "--limit", str(limit), "--ppl-data",
+            "wikitext2", "--seq-len", "512", "--max-tokens", "16384", "--bf16", "--batch-size", "8",
+            "--output", str(output)]
+
+
+def evaluate_command(model: str, output: Path, limit: int) -> str:
+    return "sdmprune " + shlex.join(eval_argv(model, output, limit))
+
+
 def evaluate(model: str, output: Path, limit: int, stages: list[dict], name: str) -> dict:
-    run(["eval", "--model", model, "--tasks", ",".join(ALL_TASKS), "--limit", str(limit),
-         "--ppl-data", "wikitext2", "--seq-len", "512", "--max-tokens", "16384", "--bf16", "--batch-size", "8",
-         "--output", str(output)],
-        stages, name)
+    run(eval_argv(model, output, limit), stages, name)
     return json.loads((output / "results.json").read_text())
 
 
@@ -74,12 +87,13 @@ def _cell(result: dict) -> str:
 
 def markdown(results: dict) -> str:
     evals, recovery = results["evaluations"], results["recovery"]
-    header = " | ".join(LABELS[m] for m in MODELS)
+    header = " | ".join(f"{LABELS[m]} (first {evals[m]['limit']})" for m in MODELS)
     lines = [
         "# Recovery benchmark: SmolLM2-135M, SDMPrune 20%, LoRA on Alpaca-1k",
         "",
-        f"Zero-shot, lm-evaluation-harness, first {results['settings']['limit']} items per task (shared local "
-        "data; arc_easy, piqa and hellaswag are the shared halves, race is the RACE+ proxy). Values in percent.",
+        "Zero-shot, lm-evaluation-harness, the first N items per task as in each column's header (shared local "
+        "data; arc_easy, piqa and hellaswag are the shared halves, race is the RACE+ proxy), bf16 autocast. "
+        "Values in percent, ± the harness's standard error.",
         "",
         f"| task | metric | {header} |",
         "|---|---|" + "---:|" * len(MODELS),
@@ -121,24 +135,31 @@ def main(argv: list[str] | None = None) -> None:
     instructions = Path(data_dir) / "instruct" / "alpaca_data_1k.json"
     work = args.work_dir
     stages: list[dict] = []
-    evaluations = {"dense": evaluate(args.model, work / "eval-dense", args.limit, stages, "evaluate dense")}
+    if args.reuse_dense:
+        evaluations = {"dense": json.loads((args.reuse_dense / "results.json").read_text())}
+        stages.append({"stage": "evaluate dense (reused from an earlier run)", "command": evaluate_command(
+            args.model, args.reuse_dense, evaluations["dense"]["limit"]), "seconds": evaluations["dense"]["seconds"]})
+    else:
+        evaluations = {"dense": evaluate(args.model, work / "eval-dense", args.limit, stages, "evaluate dense")}
+    limit_pruned = args.limit_pruned or args.limit
 
     pruned = args.pruned or work / f"pruned-{round(args.ratio * 100)}"
     if args.pruned is None:
         run(["prune", "--model", args.model, "--criterion", "sdmprune", "--ratio", str(args.ratio), "--bf16",
              "--calib-samples", "32", "--calib-seq-len", "256", "--ppl-data", "none", "--output", str(pruned),
              "--overwrite"], stages, "prune")
-    evaluations["pruned"] = evaluate(str(pruned), work / "eval-pruned", args.limit, stages, "evaluate pruned")
+    evaluations["pruned"] = evaluate(str(pruned), work / "eval-pruned", limit_pruned, stages, "evaluate pruned")
 
     recovered = work / f"{pruned.name}-lora"
     run(["finetune", "--model", str(pruned), "--data", str(instructions), "--epochs", str(args.epochs), "--bf16",
          "--max-len", "256", "--merge", "--output", str(recovered), "--overwrite"], stages, "LoRA recovery")
     recovery = json.loads((recovered / "recovery.json").read_text())
-    evaluations["recovered"] = evaluate(str(recovered / "merged"), work / "eval-recovered", args.limit, stages,
+    evaluations["recovered"] = evaluate(str(recovered / "merged"), work / "eval-recovered", limit_pruned, stages,
                                         "evaluate recovered")
 
     results = {
         "settings": {"model": args.model, "ratio": args.ratio, "pruned": str(pruned), "limit": args.limit,
+                     "limit_pruned": limit_pruned,
                      "instructions": str(instructions), "threads": torch.get_num_threads()},
         "stages": stages,
         "evaluations": evaluations,
