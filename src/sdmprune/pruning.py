@@ -38,7 +38,12 @@ class PruneConfig:
     steps: int = field(default=1, metadata=described(
         "prune-and-rescore steps of the (distillation) stage; 1 = one shot, as the paper"))
     teacher: str = field(default="masks-off", metadata=described(
-        "masks-off: the model itself with masks off (no extra memory) | copy: a frozen second copy"))
+        "masks-off: the model itself with masks off (no extra memory) | copy: a frozen second copy | "
+        "progressive: the model with the masks of --teacher-lag steps earlier (dense at the start; no extra "
+        "memory; needs --steps > --teacher-lag)"))
+    teacher_lag: int = field(default=1, metadata=described(
+        "--teacher progressive: the teacher of step k is the student of step k - lag (steps counted with the "
+        "cold start as step 1)"))
     alpha: float | None = field(default=None, metadata=described(
         "sdmprune: KL weight α (default: official value for the nearest of the 20/30/40 percent targets)"))
     temperature: float | None = field(default=None, metadata=described(
@@ -73,9 +78,13 @@ class PruneConfig:
             check_ratio("ratio", self.ratio)
         else:
             check_ratio("mlp_ratio", self.mlp_ratio)
-        for name in ("steps", "micro_batch", "width_multiple"):
+        for name in ("steps", "micro_batch", "width_multiple", "teacher_lag"):
             if getattr(self, name) < 1:
                 raise SdmpruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.teacher == "progressive" and self.criterion == "sdmprune" and self.steps <= self.teacher_lag:
+            raise SdmpruneError(f"--teacher progressive with --teacher-lag {self.teacher_lag} needs --steps "
+                                f"{self.teacher_lag + 1} or more: with fewer, every distillation step's teacher is "
+                                "the dense model (use --teacher masks-off)")
         if not 0 < self.cold_start < 1:
             raise SdmpruneError(f"--cold-start must be in (0, 1), got {self.cold_start}")
         if self.alpha is not None and not 0 <= self.alpha <= 1:

@@ -26,7 +26,7 @@ from .errors import SdmpruneError
 from .io import atomic_file
 from .masks import NeuronMasks, ParameterCount, count_parameters
 from .models.architectures import get_architecture
-from .teacher import MasksOffTeacher, copy_teacher_before_masking
+from .teacher import MasksOffTeacher, ProgressiveTeacher, copy_teacher_before_masking
 
 # Official SDMPrune (α, T) per target ratio of total parameters (METHOD.md); the nearest is used.
 OFFICIAL_DISTILLATION = {0.2: (0.4, 0.2), 0.3: (0.42, 0.5), 0.4: (0.1, 0.2)}
@@ -100,8 +100,10 @@ class RunState:
     def exists(self) -> bool:
         return self.directory is not None and (self.directory / STATE_JSON).is_file()
 
-    def save(self, config_dict: dict, done: int, masks: NeuronMasks, scores: list[torch.Tensor], log: list) -> None:
-        """Rank 0 writes; with several processes all wait until it has (each may read the state later)."""
+    def save(self, config_dict: dict, done: int, masks: NeuronMasks, scores: list[torch.Tensor], log: list,
+             history: list[list[torch.Tensor]]) -> None:
+        """Rank 0 writes; with several processes all wait until it has (each may read the state later).
+        `history[j]` holds the masks step j + 1 started from (the progressive teacher's)."""
         if self.directory is None:
             return
         if not is_main():
@@ -110,6 +112,8 @@ class RunState:
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"keep.{i}": m.to(torch.uint8).cpu() for i, m in enumerate(masks.keep)}
         tensors |= {f"scores.{i}": s.float().cpu().contiguous() for i, s in enumerate(scores)}
+        tensors |= {f"history.{j}.{i}": m.to(torch.uint8).cpu() for j, step in enumerate(history)
+                    for i, m in enumerate(step)}
         tensors["rng"] = torch.get_rng_state()
         with atomic_file(self.directory / STATE_TENSORS) as tmp:
             save_file(tensors, tmp)
@@ -118,7 +122,7 @@ class RunState:
             tmp.write_text(json.dumps(record, indent=1))
         barrier()
 
-    def load(self, config_dict: dict) -> tuple[int, list[torch.Tensor], list]:
+    def load(self, config_dict: dict) -> tuple[int, list[torch.Tensor], list, list[list[torch.Tensor]]]:
         record = json.loads((self.directory / STATE_JSON).read_text())
         if record["config"] != config_dict:
             changed = sorted(k for k in config_dict if record["config"].get(k) != config_dict[k])
@@ -126,9 +130,11 @@ class RunState:
                                 f"({', '.join(changed)}); use the same command, or --overwrite to start over")
         tensors = load_file(self.directory / STATE_TENSORS)
         done = record["steps_done"]
-        keep = [tensors[f"keep.{i}"].bool() for i in range(sum(k.startswith("keep.") for k in tensors))]
+        layers = sum(k.startswith("keep.") for k in tensors)
+        keep = [tensors[f"keep.{i}"].bool() for i in range(layers)]
+        history = [[tensors[f"history.{j}.{i}"].bool() for i in range(layers)] for j in range(done)]
         torch.set_rng_state(tensors["rng"])
-        return done, keep, record["log"]
+        return done, keep, record["log"], history
 
 
 def run_schedule(
@@ -152,25 +158,31 @@ def run_schedule(
     copy_teacher = copy_teacher_before_masking(model, config.teacher) if needs_teacher else None
     torch.manual_seed(config.seed)
     masks = NeuronMasks(model)
-    teacher = copy_teacher or MasksOffTeacher(model, masks)
+    history: list[list[torch.Tensor]] = []  # the masks each step started from
+    if config.teacher == "progressive":
+        teacher = ProgressiveTeacher(model, masks, history, config.teacher_lag)
+    else:
+        teacher = copy_teacher or MasksOffTeacher(model, masks)
     state = RunState(state_dir)
     config_dict = {**asdict(config), "calibration": calibration_summary}  # what a resumed run must match
     done, log = 0, []
     if resume and state.exists():
-        done, keep, log = state.load(config_dict)
+        done, keep, log, saved = state.load(config_dict)
+        history[:] = [[m.to(k.device) for m, k in zip(step, masks.keep, strict=True)] for step in saved]
         masks.update(keep)
     context = ScoringContext(model, masks, calibration, config.seed, teacher=teacher,
                              micro_batch=config.micro_batch, bf16=config.bf16, importance=config.importance)
     for index, step in enumerate(steps[done:], start=done):
         start = time.perf_counter()
         context.alpha, context.temperature = step.alpha, step.temperature
+        history.append(list(masks.keep))  # masks.update replaces the tensors: no copy needed
         scores = compute_scores(config.criterion, context)
         widths = allocate_widths(count, step.budget, allocation=config.allocation,
                                  width_multiple=config.width_multiple, scores=scores)
         masks.update(broadcast_masks(keep_top(scores, widths)))  # rank 0 decides for every process
         log.append({"step": index + 1, "stage": step.stage, "alpha": step.alpha, "temperature": step.temperature,
                     "widths": widths, "seconds": round(time.perf_counter() - start, 3)})
-        state.save(config_dict, index + 1, masks, scores, log)
+        state.save(config_dict, index + 1, masks, scores, log, history)
     if compensate:
         compensate_bias(context)
     report = {

@@ -3,6 +3,8 @@
 The default costs no memory: the masks-off pass runs the dense model under `torch.inference_mode()`
 (`torch.no_grad()` for an FSDP-sharded model).
 `copy` holds a second full model, as the official SDMPrune code does, for comparison.
+`progressive` is the student of an earlier step: the same model with that step's masks swapped in
+for the teacher's pass (NutePrune's less-sparse teachers, for SDMPrune's prune-and-rescore steps).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .distributed import inference_context, is_sharded
 from .errors import SdmpruneError
 from .masks import NeuronMasks
 
-TEACHERS = ("masks-off", "copy")
+TEACHERS = ("masks-off", "copy", "progressive")
 
 
 class Teacher(Protocol):
@@ -35,6 +37,28 @@ class MasksOffTeacher:
         with self.masks.disabled(), inference_context(self.model):
             logits = self.model(input_ids=ids, use_cache=False).logits
         return logits.clone()  # an ordinary tensor, so autograd may save it
+
+
+class ProgressiveTeacher:
+    """The student of step k - `lag` as the teacher of step k (steps counted from 1; the dense model
+    before step 1). `history[j]` is the list of keep-masks step j + 1's student ran with, appended by
+    the schedule as each step starts; the earlier masks are swapped in for the teacher's pass only."""
+
+    def __init__(self, model: nn.Module, masks: NeuronMasks, history: list[list[torch.Tensor]], lag: int):
+        self.model, self.masks, self.history, self.lag = model, masks, history, lag
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        index = len(self.history) - 1 - self.lag  # the current step is len(history)
+        if index < 0:
+            return MasksOffTeacher(self.model, self.masks).logits(ids)
+        student = self.masks.keep
+        self.masks.keep = self.history[index]
+        try:
+            with inference_context(self.model):
+                logits = self.model(input_ids=ids, use_cache=False).logits
+        finally:
+            self.masks.keep = student
+        return logits.clone()
 
 
 class CopyTeacher:
