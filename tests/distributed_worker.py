@@ -1,8 +1,9 @@
-"""Prune tiny Llamas in several settings; run in one process by tests/test_distributed.py, and under
-`torchrun --nproc-per-node 2 tests/distributed_worker.py OUT` by the same test.
+"""Prune tiny Llamas in several settings and LoRA-recover a pruned one; run in one process by
+tests/test_distributed.py, and under `torchrun --nproc-per-node 2 distributed_worker.py OUT PRUNED DATA` by it.
 
-Each case leaves, in OUT/<case>/, the run state of `prune` (final scores and masks, written by rank 0) and
-`bias.safetensors` (the compensation bias, if any). Cases with `fsdp` shard the model with FSDP2.
+Each pruning case leaves, in OUT/<case>/, the run state of `prune` (final scores and masks, written by rank 0)
+and `bias.safetensors` (the compensation bias, if any); cases with `fsdp` shard the model with FSDP2. Each
+recovery case writes the `finetune` output OUT/<case>/ for the model directory PRUNED and the data file DATA.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import save_file
 
-from sdmprune import SdmpruneError, prune
+from sdmprune import SdmpruneError, finetune, prune
 from sdmprune.distributed import init_from_env, is_main, shard_model, shutdown
 
 # 5 windows: an uneven share for 2 processes (3 + 2 micro-batches, FSDP runs a filler pass on one of them)
@@ -30,6 +31,10 @@ CASES = {
     "sdmprune-fsdp": dict(criterion="sdmprune", steps=2, fsdp=True),
     "wanda-sp-fsdp": dict(criterion="wanda-sp", micro_batch=2, fsdp=True),
 }
+# 3 micro-batches per step over 2 processes (2 + 1 and a filler); no dropout, so one process gives the same
+RECOVERY = dict(max_steps=4, batch_size=1, grad_accum=3, lr=5e-3, lora_dropout=0.0, max_len=256, merge=True,
+                progress=False)
+RECOVERY_CASES = {"lora-ddp": dict(fsdp=False), "lora-fsdp": dict(fsdp=True)}
 REFUSED_UNDER_FSDP = {"weight": dict(criterion="sdmprune", importance="weight"),
                       "copy": dict(criterion="sdmprune", teacher="copy")}
 
@@ -50,6 +55,10 @@ def run_case(name: str, output: Path, *, shard: bool) -> None:
         save_file(biases, output / name / "bias.safetensors")
 
 
+def recover(name: str, output: Path, pruned: str, data: str, *, shard: bool) -> dict:
+    return finetune(pruned, output / name, data=data, **RECOVERY, fsdp=RECOVERY_CASES[name]["fsdp"] and shard)
+
+
 def refusals() -> dict[str, str]:
     """The SdmpruneError of each setting refused under FSDP."""
     messages = {}
@@ -65,10 +74,12 @@ def refusals() -> dict[str, str]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    out = Path(sys.argv[1])
+    out, pruned, data = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     init_from_env()
     for case in CASES:
         run_case(case, out, shard=True)
+    for case in RECOVERY_CASES:
+        recover(case, out, pruned, data, shard=True)
     messages = refusals()
     if is_main():
         (out / "refusals.json").write_text(json.dumps(messages))

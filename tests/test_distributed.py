@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,10 @@ from pathlib import Path
 import distributed_worker as worker
 import pytest
 import torch
+from conftest import byte_tokenizer, tiny_model
 from safetensors.torch import load_file
+from test_finetune import EXAMPLES
+from transformers import AutoModelForCausalLM
 
 from sdmprune.cli import main
 from sdmprune.distributed import shard_windows
@@ -53,28 +55,65 @@ def test_shares_cut_like_one_process_and_fillers_keep_fsdp_in_step():
     assert [b.start for b in shard_windows(windows, 2, process=0, processes=1)] == [0, 2, 4]
 
 
-def test_two_processes_score_like_one(tmp_path):
-    multi, single = tmp_path / "multi", tmp_path / "single"
-    process = torchrun("distributed_worker.py", str(multi))
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """One torchrun launch of distributed_worker.py (every pruning and recovery case); its output directory and
+    the recovery inputs (a tiny magnitude-pruned Llama, an Alpaca file)."""
+    root = tmp_path_factory.mktemp("distributed")
+    dense, pruned, data = root / "dense", root / "pruned", root / "alpaca.json"
+    tiny_model("llama", max_position_embeddings=256).save_pretrained(dense)
+    byte_tokenizer().save_pretrained(dense)
+    assert main(["prune", "--model", str(dense), "--ratio", "0.2", "--criterion", "magnitude", "--ppl-data", "none",
+                 "--output", str(pruned)]) == 0
+    data.write_text(json.dumps(EXAMPLES))
+    process = torchrun("distributed_worker.py", str(root / "multi"), str(pruned), str(data))
     assert process.returncode == 0, process.stderr[-3000:]
-    for case in worker.CASES:
-        worker.run_case(case, single, shard=False)
-        one, two = load_file(single / case / STATE_TENSORS), load_file(multi / case / STATE_TENSORS)
-        assert one.keys() == two.keys()
+    return root
+
+
+@pytest.mark.parametrize("case", list(worker.CASES))
+def test_two_processes_score_like_one(case, two_processes):
+    single, multi = two_processes / "single", two_processes / "multi"
+    worker.run_case(case, single, shard=False)
+    one, two = load_file(single / case / STATE_TENSORS), load_file(multi / case / STATE_TENSORS)
+    assert one.keys() == two.keys()
+    for name in one:
+        if name.startswith("keep."):
+            assert torch.equal(one[name], two[name]), f"masks differ ({name})"
+            assert 0 < int(one[name].sum()) < one[name].numel()
+        elif name.startswith("scores."):  # pruned neurons are -inf in both
+            torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-9, msg=name)
+    if case == "flap":  # the compensation bias, from the merged activation means
+        one, two = load_file(single / case / "bias.safetensors"), load_file(multi / case / "bias.safetensors")
+        assert one.keys() == two.keys() and len(one) == 2
         for name in one:
-            if name.startswith("keep."):
-                assert torch.equal(one[name], two[name]), f"{case}: masks differ ({name})"
-                assert 0 < int(one[name].sum()) < one[name].numel()
-            elif name.startswith("scores."):  # pruned neurons are -inf in both
-                torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-9, msg=f"{case}: {name}")
-        if (single / case / "bias.safetensors").exists():
-            one, two = load_file(single / case / "bias.safetensors"), load_file(multi / case / "bias.safetensors")
-            assert one.keys() == two.keys() and len(one) == 2
-            for name in one:
-                torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7)
-    refusals = json.loads((multi / "refusals.json").read_text())
+            torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7)
+
+
+def test_fsdp_refuses_what_it_cannot_do_exactly(two_processes):
+    refusals = json.loads((two_processes / "multi" / "refusals.json").read_text())
     assert "drop --fsdp" in refusals["weight"] and "activation-wanda" in refusals["weight"]
     assert "--teacher masks-off" in refusals["copy"]
+
+
+@pytest.mark.parametrize("case", list(worker.RECOVERY_CASES))
+def test_two_process_lora_recovery_matches_one_and_its_merged_export_reloads(case, two_processes):
+    single, multi = two_processes / "single", two_processes / "multi"
+    record = worker.recover(case, single, str(two_processes / "pruned"), str(two_processes / "alpaca.json"),
+                            shard=False)
+    assert record["steps"] == 4
+    one, two = (json.loads((d / case / "loss.json").read_text()) for d in (single, multi))
+    assert [e["tokens"] for e in two] == [e["tokens"] for e in one]
+    assert [e["loss"] for e in two] == pytest.approx([e["loss"] for e in one], rel=1e-6)
+    adapter_one, adapter_two = (load_file(d / case / "adapter_model.safetensors") for d in (single, multi))
+    assert adapter_one.keys() == adapter_two.keys()
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-6)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(d / case / "merged")(input_ids=ids).logits
+                  for d in (single, multi)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
 
 
 # Rank 1 dies at the first loss of the last step: the cold start and the first distillation step (3 passes each
@@ -113,7 +152,6 @@ def test_fsdp_cli_run_killed_and_resumed_exports_the_single_process_model(saved_
 
     process = torchrun(str(script), *prune_args(saved_model, text_file, sharded), "--fsdp")
     assert process.returncode != 0
-    assert f"exitcode  : -{int(signal.SIGKILL)}" in process.stderr, process.stderr[-3000:]
     state = json.loads((sharded / STATE_JSON).read_text())
     assert state["steps_done"] == 2 and not (sharded / "pruning.json").exists()
 

@@ -294,6 +294,8 @@ def run_finetune(args) -> None:
     config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     record = finetune(args.model, args.output, config, dtype=args.dtype, device=args.device,
                       trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, resume=args.resume)
+    if not is_main():  # rank 0 wrote the outputs and reports
+        return
     teacher = f", KD from {record['teacher']}" if config.kd else ""
     print(f"\n{args.model} -> {args.output}  (LoRA r={config.lora_r}{teacher})")
     print(f"{record['steps']} steps ({record['epochs']:.2f} epochs of {record['examples']} examples), "

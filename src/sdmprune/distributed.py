@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from .masks import NeuronMasks
 from .models.architectures import get_architecture
 
 BUCKET_ELEMENTS = 1 << 27  # largest flattened buffer per all-reduce (512 MiB in fp32)
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- the process group
@@ -77,31 +78,36 @@ def _comm_device() -> torch.device:
 # ----------------------------------------------------------------------------- data and reductions
 
 
+def shard(
+    items: Sequence[T], *, lockstep: bool = False, process: int | None = None, processes: int | None = None,
+) -> list[tuple[int, T, bool]]:
+    """This process's contiguous share of `items` as (index, item, counts) triples.
+
+    Process r of P takes items [r·n/P, (r+1)·n/P). With `lockstep` (FSDP's forward and backward are
+    collectives; DDP needs one synchronising backward from everyone) every process gets ceil(n/P) entries,
+    the missing ones fillers `(0, items[0], False)` whose results must be discarded. `process` / `processes`
+    default to this process's rank and the world size.
+    """
+    process = rank() if process is None else process
+    world = world_size() if processes is None else processes
+    first, last = process * len(items) // world, (process + 1) * len(items) // world
+    share = [(i, items[i], True) for i in range(first, last)]
+    if lockstep:
+        share += [(0, items[0], False)] * (-(-len(items) // world) - len(share))
+    return share
+
+
 class MicroBatch(NamedTuple):
     start: int  # index of its first window among all windows
     ids: torch.Tensor  # (b, S) token ids
     counts: bool  # False: a filler pass that only keeps FSDP's collectives in step; discard its results
 
 
-def shard_windows(
-    windows: torch.Tensor, micro_batch: int, *, lockstep: bool = False, process: int | None = None,
-    processes: int | None = None,
-) -> list[MicroBatch]:
-    """This process's contiguous share of `windows` (N, S), cut into micro-batches of `micro_batch` windows.
-
-    The cut is the single-process one; process r of P takes micro-batches [r·n/P, (r+1)·n/P) of the n.
-    With `lockstep` (an FSDP model, whose forward and backward are collectives) every process returns
-    ceil(n/P) micro-batches, the missing ones as fillers (`counts=False`, a repeat of the first).
-    `process` / `processes` default to this process's rank and the world size.
-    """
-    process = rank() if process is None else process
-    world = world_size() if processes is None else processes
-    batches = windows.split(micro_batch)
-    first, last = process * len(batches) // world, (process + 1) * len(batches) // world
-    share = [MicroBatch(i * micro_batch, batches[i], True) for i in range(first, last)]
-    if lockstep:
-        share += [MicroBatch(0, batches[0], False)] * (-(-len(batches) // world) - len(share))
-    return share
+def shard_windows(windows: torch.Tensor, micro_batch: int, *, lockstep: bool = False, **where) -> list[MicroBatch]:
+    """This process's `shard` of `windows` (N, S) cut into micro-batches of `micro_batch` windows, the cut of a
+    single process (lockstep: for an FSDP model); `where`: `process` / `processes` as for `shard`."""
+    return [MicroBatch(i * micro_batch, batch, counts)
+            for i, batch, counts in shard(windows.split(micro_batch), lockstep=lockstep, **where)]
 
 
 def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -141,6 +147,16 @@ def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
                                                                            device=device)
     dist.broadcast(buffer, src=0)
     return buffer.to(tensor.device)
+
+
+def stack_from_all(tensor: torch.Tensor) -> torch.Tensor:
+    """(P, *shape): every process's `tensor` (same shape and dtype everywhere) in rank order."""
+    if world_size() == 1:
+        return tensor[None]
+    device = _comm_device()
+    parts = [torch.empty_like(tensor, device=device) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.to(device))
+    return torch.stack(parts).to(tensor.device)
 
 
 def broadcast_masks(keep: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -199,6 +215,15 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shaped_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` on `param`'s device, sharded as `param` when FSDP sharded it (call it on every process then)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+    return full.to(param.device)
 
 
 def unshard_for_export(model: nn.Module, masks: NeuronMasks) -> tuple[nn.Module, NeuronMasks] | None:

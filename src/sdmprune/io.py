@@ -58,13 +58,17 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as safetensors tensors (`<param index>.<key>`) plus JSON (param groups, non-tensors)."""
+    """Optimizer state as safetensors tensors (`<param index>.<key>`) plus JSON (param groups, non-tensors).
+
+    State sharded by FSDP is gathered whole (a collective: then call it on every process)."""
+    from .distributed import gathered  # imported here: distributed depends on modules that import this one
+
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in state["state"].items():
         for key, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = gathered(value).detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}

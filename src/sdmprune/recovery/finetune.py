@@ -17,14 +17,29 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..distributed import (
+    all_reduce_sum,
+    barrier,
+    gathered,
+    inference_context,
+    is_main,
+    rank,
+    shaped_like,
+    shard,
+    shard_model,
+    stack_from_all,
+    world_size,
+)
 from ..errors import SdmpruneError
 from ..evaluation.perplexity import autocast_context, context_length
 from ..export import library_versions
@@ -71,6 +86,9 @@ class FinetuneConfig:
     save_every: int = field(default=100, metadata=described("write a resumable checkpoint every N steps (0 = never)"))
     merge: bool = field(default=False, metadata=described(
         "also write merged/: the adapter merged into the weights, a standalone model directory"))
+    fsdp: bool = field(default=False, metadata=described(
+        "several processes (torchrun / accelerate launch): shard the model, its LoRA weights and the --kd teacher "
+        "with FSDP2 instead of replicating them (DDP)"))
 
     def validate(self) -> None:
         for name in ("lora_r", "epochs", "batch_size", "grad_accum", "max_len"):
@@ -114,7 +132,7 @@ def recovery_loss_sums(
 def _teacher_logits(teacher, batch: dict[str, torch.Tensor], bf16: bool) -> torch.Tensor:
     """Teacher logits (n, V) at the response positions of `batch`, an ordinary tensor autograd may save."""
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
-    with torch.inference_mode(), autocast_context(batch["input_ids"].device, bf16):
+    with inference_context(teacher), autocast_context(batch["input_ids"].device, bf16):
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          use_cache=False).logits[:, :-1][mask]
     return logits.clone()
@@ -122,24 +140,31 @@ def _teacher_logits(teacher, batch: dict[str, torch.Tensor], bf16: bool) -> torc
 
 def _accumulate_gradients(model, teacher, batches: list[dict[str, torch.Tensor]], n_step: int,
                           config: FinetuneConfig) -> tuple[float, float, int]:
-    """Forward and backward every micro-batch of one optimizer step, the loss normalised by the step's
-    `n_step` response tokens; returns the summed CE and KL (nats) and the non-padding tokens seen."""
+    """Forward and backward this process's share of the micro-batches of one optimizer step, the loss
+    normalised by the step's `n_step` response tokens (of every process) so that the gradients summed over
+    processes are the single-process ones; returns the summed CE and KL (nats) and the non-padding tokens
+    seen, over all processes. Fillers (a zero loss) give every process as many passes."""
     device = next(model.parameters()).device
     beta = config.kd_beta if teacher is not None else 0.0
-    ce_total, kl_total, tokens = 0.0, 0.0, 0
-    for batch in batches:
+    ddp = isinstance(model, DistributedDataParallel)
+    scale = world_size() / n_step if ddp else 1 / n_step  # DDP averages gradients over processes: undo it
+    totals = torch.zeros(3, dtype=torch.float64)  # CE, KL, tokens
+    passes = shard(batches, lockstep=True)
+    for index, (_, batch, counts) in enumerate(passes):
         batch = {k: v.to(device) for k, v in batch.items()}
-        teacher_logits = _teacher_logits(teacher, batch, config.bf16) if teacher is not None else None
-        with autocast_context(device, config.bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-        ce, kl, _ = recovery_loss_sums(logits, batch["labels"], teacher_logits, config.kd_temperature)
-        loss = ce if kl is None else (1 - beta) * ce + beta * kl
-        (loss / n_step).backward()
-        ce_total += ce.item()
-        kl_total += kl.item() if kl is not None else 0.0
-        tokens += int(batch["attention_mask"].sum())
-    return ce_total, kl_total, tokens
+        with model.no_sync() if ddp and index < len(passes) - 1 else nullcontext():  # DDP: one all-reduce
+            teacher_logits = _teacher_logits(teacher, batch, config.bf16) if teacher is not None else None
+            with autocast_context(device, config.bf16):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False).logits
+            ce, kl, _ = recovery_loss_sums(logits, batch["labels"], teacher_logits, config.kd_temperature)
+            loss = ce if kl is None else (1 - beta) * ce + beta * kl
+            (loss * (scale if counts else 0.0)).backward()
+        if counts:
+            totals += torch.tensor([ce.item(), kl.item() if kl is not None else 0.0,
+                                    int(batch["attention_mask"].sum())], dtype=torch.float64)
+    all_reduce_sum([totals])
+    return totals[0].item(), totals[1].item(), int(totals[2])
 
 
 def _model_ref(spec: str) -> str:
@@ -196,44 +221,59 @@ class Schedule:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    """The LoRA weights by parameter name, whole and on the CPU (gathered if FSDP sharded them)."""
+    return {name: gathered(param).detach().cpu().contiguous()
+            for name, param in model.named_parameters() if param.requires_grad}
+
+
 def _save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, log: list, seconds: float,
                      run: dict) -> None:
-    """Write `directory` atomically: adapter, optimizer, scheduler, RNG and progress (safetensors + JSON)."""
-    from peft import get_peft_model_state_dict
-
-    with atomic_directory(directory, overwrite=True) as tmp:
-        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        save_file(adapter, tmp / "adapter.safetensors")
-        optimizer_tensors, optimizer_meta = flatten_optimizer(optimizer)
-        save_file(optimizer_tensors, tmp / "optimizer.safetensors")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
-        save_file(rng, tmp / "rng.safetensors")
-        state = {"run": run, "step": step, "seconds": seconds, "log": log, "optimizer": optimizer_meta,
-                 "scheduler": scheduler.state_dict()}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    """Write `directory` atomically: adapter, optimizer, scheduler, RNG (one row per process) and progress
+    (safetensors + JSON). Every process calls it; rank 0 writes."""
+    adapter = _trainable_state(model)
+    optimizer_tensors, optimizer_meta = flatten_optimizer(optimizer)
+    rng = {"cpu": stack_from_all(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        rng["cuda"] = stack_from_all(torch.cuda.get_rng_state())
+    if is_main():
+        with atomic_directory(directory, overwrite=True) as tmp:
+            save_file(adapter, tmp / "adapter.safetensors")
+            save_file(optimizer_tensors, tmp / "optimizer.safetensors")
+            save_file(rng, tmp / "rng.safetensors")
+            state = {"run": run, "step": step, "seconds": seconds, "log": log, "optimizer": optimizer_meta,
+                     "scheduler": scheduler.state_dict()}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    barrier()
 
 
 def _load_checkpoint(directory: Path, model, optimizer, scheduler, run: dict) -> tuple[int, list, float]:
     """Restore a checkpoint into model/optimizer/scheduler and the RNG; returns (step, log, seconds)."""
-    from peft import set_peft_model_state_dict
-
     state = json.loads((directory / "state.json").read_text())
     if state["run"] != run:
         changed = sorted(k for k in run if state["run"].get(k) != run[k])
         raise SdmpruneError(f"cannot resume {directory.parent}: the settings differ from the interrupted run's "
                             f"({', '.join(changed)}); use the same command, or --overwrite to start over")
-    set_peft_model_state_dict(model, load_file(directory / "adapter.safetensors"))  # copied onto the model's device
-    # load_state_dict moves the moments to their parameters' devices
-    optimizer.load_state_dict(unflatten_optimizer(load_file(directory / "optimizer.safetensors"),
-                                                   state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
     rng = load_file(directory / "rng.safetensors")
-    torch.set_rng_state(rng["cpu"])
-    cuda_states = [rng[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in rng))]
-    if cuda_states:
-        torch.cuda.set_rng_state_all(cuda_states)
+    if rng["cpu"].shape[0] != world_size():
+        raise SdmpruneError(f"cannot resume {directory.parent} with {world_size()} process(es): it was run with "
+                            f"{rng['cpu'].shape[0]}; launch as many")
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    saved = load_file(directory / "adapter.safetensors")
+    with torch.no_grad():
+        for name, param in trainable:
+            param.copy_(shaped_like(saved[name], param))
+    optimizer_state = unflatten_optimizer(load_file(directory / "optimizer.safetensors"), state["optimizer"])
+    for index, entries in optimizer_state["state"].items():  # moments are sharded like their parameters
+        param = trainable[index][1]
+        for key, value in entries.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                entries[key] = shaped_like(value, param)
+    optimizer.load_state_dict(optimizer_state)  # which moves the rest to their parameters' devices
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(rng["cpu"][rank()].clone())  # a copy: set_rng_state crashes on a view with an offset
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"][rank()].clone())
     return state["step"], state["log"], state["seconds"]
 
 
@@ -302,6 +342,22 @@ def load_adapter(directory: str | Path, *, dtype: str = "auto", device: str = "a
     return PeftModel.from_pretrained(model, directory).eval(), tokenizer
 
 
+def _unsharded(peft_model, spec: str, lora, dtype: str, trust_remote_code: bool):
+    """On rank 0, the FSDP-trained `peft_model` as a plain model on the CPU: the base reloaded from `spec`
+    (its weights are frozen) with the gathered LoRA weights; None elsewhere. Every process calls it."""
+    from peft import get_peft_model
+
+    state = _trainable_state(peft_model)
+    if not is_main():
+        return None
+    base, _ = load_model(spec, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    plain = get_peft_model(base, lora)
+    unexpected = plain.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"LoRA weights without a place in the reloaded model: {unexpected[:3]}")
+    return plain.eval()
+
+
 def is_adapter_dir(spec: str) -> bool:
     return (Path(spec).expanduser() / "adapter_config.json").is_file()
 
@@ -335,8 +391,10 @@ def finetune(
     output = Path(output)
     resume = _prepare_output(output, overwrite, resume)
 
-    torch.manual_seed(config.seed)
-    student, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
+    # fully_shard moves each process's shard to its own GPU (or keeps it on the CPU)
+    student, tokenizer = load_model(model, dtype=dtype, device="cpu" if config.fsdp else device,
+                                    trust_remote_code=trust_remote_code)
     torch_device = next(student.parameters()).device
     context = context_length(student)
     if context is not None and config.max_len > context:
@@ -356,6 +414,8 @@ def finetune(
         if teacher.config.vocab_size != student.config.vocab_size:
             raise SdmpruneError(f"teacher {teacher_spec} has a different vocabulary ({teacher.config.vocab_size} vs "
                                 f"{student.config.vocab_size}): pass the dense model the student was pruned from")
+        if config.fsdp:
+            shard_model(teacher)
 
     targets = [name for name in config.lora_targets.split(",") if name]
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -366,7 +426,12 @@ def finetune(
     except ValueError as error:
         raise SdmpruneError(f"LoRA could not be attached ({str(error).splitlines()[0][:200]}): check "
                             "--lora-targets against the model's module names") from error
+    if config.fsdp:  # LoRA weights are sharded with the decoder layer they sit in
+        shard_model(student)
     peft_model.train()
+    replicated = world_size() > 1 and not config.fsdp  # DDP: one all-reduce of the LoRA gradients per step
+    device_ids = [torch_device.index] if torch_device.type == "cuda" else None
+    train_model = DistributedDataParallel(peft_model, device_ids=device_ids) if replicated else peft_model
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     schedule = Schedule(len(data), config)
@@ -377,19 +442,20 @@ def finetune(
     start, log, seconds_before = 0, [], 0.0
     if resume:
         start, log, seconds_before = _load_checkpoint(checkpoint, peft_model, optimizer, scheduler, run)
-    elif output.exists():
+    elif output.exists() and is_main():
         shutil.rmtree(output)  # --overwrite (checked above): checkpoints go into the output directory
+    barrier()
 
     tokens = log[-1]["tokens"] if log else 0
     target_tokens = log[-1]["target_tokens"] if log else 0
     beta = config.kd_beta if config.kd else 0.0
     started = time.perf_counter()
-    bar = tqdm(total=schedule.steps, initial=start, desc="finetune", unit="step", disable=not progress)
+    bar = tqdm(total=schedule.steps, initial=start, desc="finetune", unit="step", disable=not (progress and is_main()))
     for step in range(start, schedule.steps):
         batches = [collate(data, indices, pad_id) for indices in schedule.step_batches(step)]
         n_step = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         lr = scheduler.get_last_lr()[0]
-        ce_total, kl_total, step_tokens = _accumulate_gradients(peft_model, teacher, batches, n_step, config)
+        ce_total, kl_total, step_tokens = _accumulate_gradients(train_model, teacher, batches, n_step, config)
         tokens += step_tokens
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -428,5 +494,9 @@ def finetune(
         "config": asdict(config),
         "versions": library_versions(),
     }
-    _write_output(output, peft_model, tokenizer, log, record, source, config.merge)
+    weights_dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
+    plain = _unsharded(peft_model, model, lora, weights_dtype, trust_remote_code) if config.fsdp else peft_model
+    if is_main():
+        _write_output(output, plain, tokenizer, log, record, source, config.merge)
+    barrier()
     return record
