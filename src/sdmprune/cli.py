@@ -22,6 +22,7 @@ from .export import export_pruned
 from .io import check_output_dir
 from .masks import count_parameters
 from .models import DEFAULT_MODEL, load_model
+from .nuteprune import NutePruneConfig, nuteprune, write_training_outputs
 from .pruning import PruneConfig, prune
 from .recovery import FinetuneConfig, finetune, load_adapter
 from .recovery.finetune import is_adapter_dir
@@ -57,14 +58,23 @@ def _add_ppl_args(
         parser.add_argument("--bf16", action="store_true", help="bf16 autocast for evaluation (CPU and GPU)")
 
 
+METHODS = {
+    "scoring": "score MLP neurons with --criterion and remove the least important (SDMPrune and the baselines)",
+    "nuteprune": "learn hard-concrete masks over attention heads (key/value groups) and MLP neurons with LoRA and "
+                 "numerous teachers from the same model (NutePrune); --calib windows are its training data",
+}
 CHOICES = {"criterion": sorted(CRITERIA), "allocation": list(ALLOCATIONS), "teacher": list(TEACHERS),
            "importance": list(IMPORTANCES)}
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, config_class, title: str, extra_help: dict | None = None):
-    """One option per field of a config dataclass (PruneConfig, FinetuneConfig), its help taken from the field."""
+def _add_dataclass_args(parser: argparse.ArgumentParser, config_class, title: str, extra_help: dict | None = None,
+                        skip: set[str] | None = None):
+    """One option per field of a config dataclass (PruneConfig, FinetuneConfig), its help taken from the field;
+    fields named in `skip` are left out (already defined by another config)."""
     group = parser.add_argument_group(title)
     for f in fields(config_class):
+        if f.name in (skip or set()):
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"] + (extra_help or {}).get(f.name, "")
         kind = f.type.split("|")[0].strip()
@@ -92,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_args(p)
+    p.add_argument("--method", default="scoring", choices=list(METHODS),
+                   help="; ".join(f"{name}: {text}" for name, text in METHODS.items()))
     criteria = "; ".join(f"{c.name}: {c.description}" for c in CRITERIA.values())
     _add_dataclass_args(p, PruneConfig, "pruning", {"criterion": f" ({criteria})"})
+    _add_dataclass_args(p, NutePruneConfig, "nuteprune (--method nuteprune; --ratio, --bf16, --seed as above)",
+                        skip={f.name for f in fields(PruneConfig)})
     calib = p.add_argument_group("calibration (criteria that need data)")
     calib.add_argument("--calib", default="c4",
                        help="a .txt/.jsonl file or directory, a dataset name (c4, wikitext2), or 'self' "
@@ -193,9 +207,21 @@ def _prepare_output(args) -> bool:
     return False
 
 
+def _reject_options_of_other_method(args, used, other) -> None:
+    """Options of the `other` method's config that `used` lacks must keep their defaults."""
+    names = {f.name for f in fields(used)}
+    for f in fields(other):
+        if f.name not in names and getattr(args, f.name) != f.default:
+            raise SdmpruneError(f"--{f.name.replace('_', '-')} does not apply to --method {args.method}")
+
+
 def run_prune(args) -> None:
     if args.ratio is None and args.mlp_ratio is None:
         args.ratio = 0.2
+    if args.method == "nuteprune":
+        run_nuteprune(args)
+        return
+    _reject_options_of_other_method(args, PruneConfig, NutePruneConfig)
     config = PruneConfig(**{f.name: getattr(args, f.name) for f in fields(PruneConfig)})
     config.validate()
     resume = _prepare_output(args)
@@ -245,6 +271,49 @@ def run_prune(args) -> None:
         print(f"perplexity ({args.ppl_data}, {b['tokens']} tokens, windows of {b['seq_len']}): "
               f"{b['ppl']:.2f} -> {a['ppl']:.2f}")
     print(f"wrote {args.output}/ (pruning.json, README.md, model.safetensors)")
+
+
+def run_nuteprune(args) -> None:
+    """`prune --method nuteprune`: masks learned with LoRA and numerous teachers, then the same export."""
+    _reject_options_of_other_method(args, NutePruneConfig, PruneConfig)
+    if args.fsdp:
+        raise SdmpruneError("--method nuteprune runs in one process: drop --fsdp")
+    config = NutePruneConfig(**{f.name: getattr(args, f.name) for f in fields(NutePruneConfig)})
+    config.validate()
+    resume = _prepare_output(args)
+    model, tokenizer = _load(args)
+    windows = _ppl_windows(args, model, tokenizer)
+    evaluation = {"before": _ppl(args, model, tokenizer, windows)} if windows is not None else {}
+    calibration, calibration_summary = load_calibration(
+        args.calib, tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=config.seed,
+        model=model, data_dir=args.data_dir, temperature=args.calib_temperature, top_p=args.calib_top_p,
+    )
+    if Path(args.output).exists() and not resume:
+        shutil.rmtree(args.output)  # --overwrite: the run state goes into the output directory
+    result = nuteprune(model, config, calibration=calibration, calibration_summary=calibration_summary,
+                       state_dir=args.output, resume=resume)
+    if windows is not None:
+        evaluation["after"] = _ppl(args, result.model, tokenizer, windows)
+    report = {**result.report, "source_model": args.model, "evaluation": evaluation}
+    # The output directory holds the run state until the export replaces it.
+    export_pruned(result.model, tokenizer, result.masks, args.output, report=report, overwrite=True,
+                  padded=args.padded, heads=result.heads, extra=lambda tmp: write_training_outputs(result.log, tmp))
+
+    achieved, training, memory = report["achieved"], report["training"], report["memory_bytes"]
+    print(f"\n{args.model} -> {args.output}  (nuteprune, {training['steps']} steps)")
+    print(f"requested ratio {config.ratio}; achieved ratio {achieved['ratio']:.4f} of total parameters "
+          f"({achieved['mlp_ratio']:.4f} of MLP neurons, {achieved['kv_head_ratio']:.4f} of key/value heads); "
+          f"expected sparsity at the end of training {training['final_expected_sparsity']:.4f}")
+    print(f"parameters {achieved['params_before']:,} -> {achieved['params_after']:,}; MLP widths "
+          f"{min(report['widths'])}..{max(report['widths'])}, key/value heads {min(report['kv_heads'])}.."
+          f"{max(report['kv_heads'])} per layer")
+    print(f"training: {training['tokens']:,} tokens in {training['seconds']:.0f} s; memory beyond the weights "
+          f"{memory['state_total'] / 2**20:.2f} MiB (weights {memory['model_weights'] / 2**20:.1f} MiB)")
+    if evaluation:
+        b, a = evaluation["before"], evaluation["after"]
+        print(f"perplexity ({args.ppl_data}, {b['tokens']} tokens, windows of {b['seq_len']}): "
+              f"{b['ppl']:.2f} -> {a['ppl']:.2f}")
+    print(f"wrote {args.output}/ (pruning.json, README.md, model.safetensors, nuteprune_log.json, nuteprune.png)")
 
 
 def run_eval(args) -> None:

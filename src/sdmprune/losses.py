@@ -1,6 +1,8 @@
-"""Losses used to score neurons: next-token cross-entropy and the SDMPrune self-distillation loss."""
+"""Losses: next-token cross-entropy, the SDMPrune self-distillation loss, and NutePrune's distillation terms."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,3 +40,26 @@ def self_distillation_loss(
     if alpha == 0.0:
         return ce
     return (1 - alpha) * ce + alpha * distillation_kl(student_logits, teacher_logits, temperature)
+
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation loss `T²·KL(softmax(z_t/T) || softmax(z_s/T))`, mean over positions; logits (B, S, V).
+
+    The temperature divides both sides here, and T² keeps the gradient scale independent of T.
+    """
+    student = student_logits.float() / temperature
+    return temperature**2 * kl_per_position(student, teacher_logits, temperature).mean()
+
+
+def hidden_state_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], normalise: bool) -> torch.Tensor:
+    """`Σ_layers mean((h_s - h_t)²)` over per-layer hidden states (B, S, H), in fp32.
+
+    With `normalise`, each layer's term is divided by the teacher's `mean(h_t²)` there: a relative error,
+    so layers (and models) whose residual streams differ in scale count alike.
+    """
+    total = torch.zeros((), device=student[0].device)
+    for s, t in zip(student, teacher, strict=True):
+        t = t.float()
+        error = (s.float() - t).pow(2).mean()
+        total = total + (error / t.pow(2).mean().clamp_min(1e-12) if normalise else error)
+    return total
