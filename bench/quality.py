@@ -12,6 +12,11 @@ Every (method, ratio, seed) prunes with the C4 calibration windows of that seed 
 every method), then measures WikiText-2 test and C4 held-out perplexity on fixed windows. Records
 accumulate in bench/results/quality.json; quality.md (mean ± sample std over seeds, and paired
 differences against the best baseline) and quality.png are rebuilt from it after every run.
+
+`nuteprune` trains instead of scoring: NUTEPRUNE_WINDOWS C4 windows of the seed, one per step, and its
+sparsity/teacher trajectory goes to results/quality-nuteprune-<ratio>-<seed>.png. Every new record carries
+its budget (seconds, tokens seen) and the peak resident memory of the pruning call above the memory
+before it (Linux VmHWM, reset just before the call; CUDA: peak allocated).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from sdmprune import load_model, perplexity, prune
 from sdmprune.data import load_calibration, load_text
 from sdmprune.evaluation.perplexity import tokenize_windows
 from sdmprune.io import atomic_file
+from sdmprune.nuteprune import nuteprune, plot_trajectory
+
+sys.path.insert(0, str(Path(__file__).parent))
+from perf_common import PeakMemory  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,7 +57,17 @@ METHODS: dict[str, dict] = {
                                   "bias_compensation": False},
     "sdmprune-activation-wanda+bias": {"criterion": "sdmprune", "importance": "activation-wanda",
                                        "bias_compensation": True},
+    # The preset over 4 prune-and-rescore steps (+ cold start) with the dense teacher (masks off) and with the
+    # progressive one (the student of the previous step): both hold one model in memory.
+    "sdmprune-steps4": {"criterion": "sdmprune", "importance": "activation-wanda", "bias_compensation": False,
+                        "steps": 4},
+    "sdmprune-progressive": {"criterion": "sdmprune", "importance": "activation-wanda", "bias_compensation": False,
+                             "steps": 4, "teacher": "progressive", "teacher_lag": 1},
+    # NutePrune: learned masks over key/value groups and MLP neurons (widths and head counts differ per layer),
+    # LoRA merged; trained on NUTEPRUNE_WINDOWS windows, one per step.
+    "nuteprune": {"method": "nuteprune", "train_steps": 500},
 }
+NUTEPRUNE_WINDOWS = 500
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap")
 SEED_FREE = ("magnitude",)  # no calibration data and no randomness: one seed says everything
 EVAL_SETS = {"wikitext2": "WikiText-2 test", "c4": "C4 held-out"}
@@ -111,18 +130,53 @@ def evaluate(model, tokenizer, windows: dict[str, torch.Tensor], bf16: bool) -> 
     return results
 
 
+class PeakUse:
+    """Peak memory of a block above the memory before it, in MiB: CUDA allocations, else resident memory."""
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.rss = PeakMemory()
+            self.before = self.rss.current_mib()
+            self.rss.reset()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else self.rss.peak_mib()
+        self.record = {"kind": "cuda allocated" if torch.cuda.is_available() else "rss",
+                       "before_mib": round(self.before, 1), "peak_extra_mib": round(peak - self.before, 1)}
+
+
 def run_one(args, method: str, ratio: float, seed: int, windows: dict) -> dict:
     model, tokenizer = load_model(args.model)
-    config = {**METHODS[method], "ratio": ratio, "seed": seed, "bf16": args.bf16}
-    calibration, summary = load_calibration("c4", tokenizer, n_samples=args.calib_samples,
-                                            seq_len=args.calib_seq_len, seed=seed, model=model)
+    settings = dict(METHODS[method])
+    learned = settings.pop("method", None) == "nuteprune"
+    config = {**settings, "ratio": ratio, "seed": seed, "bf16": args.bf16}
+    calibration, summary = load_calibration("c4", tokenizer, n_samples=NUTEPRUNE_WINDOWS if learned else
+                                            args.calib_samples, seq_len=args.calib_seq_len, seed=seed, model=model)
     start = time.perf_counter()
-    result = prune(model, calibration=calibration, calibration_summary=summary, **config)
+    with PeakUse() as memory:
+        if learned:
+            result = nuteprune(model, calibration=calibration, calibration_summary=summary, progress=False, **config)
+            model = result.model
+            plot_trajectory(result.log, args.results.parent / f"quality-nuteprune-{ratio}-{seed}.png")
+        else:
+            result = prune(model, calibration=calibration, calibration_summary=summary, **config)
     seconds = time.perf_counter() - start
+    if learned:
+        training = result.report["training"]
+        budget = {"steps": training["steps"], "tokens": training["tokens"], "kv_heads": result.heads.kv_heads,
+                  "final_expected_sparsity": training["final_expected_sparsity"],
+                  "state_mib": result.report["memory_bytes"]["state_total"] / 2**20}
+    else:
+        passes = len(result.report["steps"])  # one pass over the windows per step (cold start included)
+        budget = {"passes": passes, "tokens": passes * summary["tokens"]}
     return {
         "method": method, "ratio": ratio, "seed": seed, "config": config,
-        "achieved": result.report["achieved"], "width": result.masks.widths[0],
-        "prune_seconds": round(seconds, 1),
+        "achieved": result.report["achieved"], "widths": result.masks.widths,
+        "prune_seconds": round(seconds, 1), "budget": budget, "memory": memory.record,
         "ppl": evaluate(model, tokenizer, windows, args.bf16),
     }
 
@@ -201,7 +255,11 @@ def markdown(results: dict) -> str:
         "compensation), `sdmprune` is the paper's method (weight-space Taylor, official α/T, 2.5% cold start), "
         "`sdmprune-*` are our variants of it (importance in activation space, +bias = FLAP's compensation "
         "added); `sdmprune-activation-wanda` is the recommended preset "
-        "(`--importance activation-wanda`, the CLI default). Uniform widths for every method.",
+        "(`--importance activation-wanda`, the CLI default). Uniform widths for every scoring method. "
+        "`sdmprune-steps4` / `sdmprune-progressive`: the preset over 4 prune-and-rescore steps with the dense "
+        "teacher / with the previous step's student as teacher. `nuteprune`: masks learned over key/value groups "
+        "and MLP neurons (widths and head counts differ per layer) with LoRA merged, trained on its own "
+        f"{NUTEPRUNE_WINDOWS} windows of the seed (see the cost table).",
         "",
         "Command: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py`",
         "",
@@ -236,7 +294,32 @@ def markdown(results: dict) -> str:
                              f"(n={diff['n']}, ev±{diff['eval_rel_err']:.1%})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + cost_table(records))
+
+
+def cost_table(records: dict) -> list[str]:
+    """Mean time, tokens seen and peak memory of the pruning call per (method, ratio), for records that have them."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for record in records.values():
+        if "memory" in record:
+            groups.setdefault((record["method"], record["ratio"]), []).append(record)
+    if not groups:
+        return []
+    lines = ["## Cost of the pruning call", "",
+             "Tokens: calibration tokens × scoring passes (cold start included; each pass also runs the teacher on "
+             "them), or NutePrune's training tokens (one teacher forward and one student forward + backward each). "
+             "Peak extra memory: peak resident memory during the call minus the memory before it (the model's "
+             "weights are already loaded: the teacher's and the method's own memory, activations, gradients).", "",
+             "| method | ratio | seconds | tokens | peak extra memory (MiB) | NutePrune state (MiB) | n |",
+             "|---|---|---|---|---|---|---|"]
+    for (method, ratio), group in sorted(groups.items(), key=lambda item: (item[0][1], list(METHODS).index(
+            item[0][0]))):
+        state = [r["budget"]["state_mib"] for r in group if "state_mib" in r["budget"]]
+        lines.append(f"| {method} | {ratio:.0%} | {statistics.fmean(r['prune_seconds'] for r in group):.0f} | "
+                     f"{group[0]['budget']['tokens']:,} | "
+                     f"{statistics.fmean(r['memory']['peak_extra_mib'] for r in group):.0f} | "
+                     f"{f'{statistics.fmean(state):.1f}' if state else ''} | {len(group)} |")
+    return [*lines, ""]
 
 
 def plot(results: dict, path: Path) -> None:

@@ -7,12 +7,15 @@ from .evaluation import perplexity  # noqa: E402
 from .export import export_pruned, load_pruned, slice_model  # noqa: E402
 from .masks import NeuronMasks, count_parameters  # noqa: E402
 from .models import load_model  # noqa: E402
+from .nuteprune import NutePruneConfig, NutePruneResult, nuteprune  # noqa: E402
 from .pruning import PruneConfig, PruneResult, prune  # noqa: E402
 from .recovery import FinetuneConfig, finetune  # noqa: E402
 
 __all__ = [
     "FinetuneConfig",
     "NeuronMasks",
+    "NutePruneConfig",
+    "NutePruneResult",
     "PruneConfig",
     "PruneResult",
     "SdmpruneError",
@@ -21,6 +24,7 @@ __all__ = [
     "finetune",
     "load_model",
     "load_pruned",
+    "nuteprune",
     "perplexity",
     "prune",
     "slice_model",
