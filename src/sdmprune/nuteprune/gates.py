@@ -54,8 +54,9 @@ class HardConcreteGates(nn.Module):
         super().__init__()
         self.count = count
         self.sizes = [*count.kv_heads, *count.widths]  # gates per segment: groups of each layer, then neurons
-        costs = [c for n, c in zip(self.sizes, [*count.per_kv_head, *count.per_neuron], strict=True) for c in [c] * n]
-        self.register_buffer("costs", torch.tensor(costs, dtype=torch.float64, device=device), persistent=False)
+        per_gate = torch.tensor([*count.per_kv_head, *count.per_neuron], dtype=torch.float64)
+        costs = per_gate.repeat_interleave(torch.tensor(self.sizes)).to(device)  # (N,) parameters removed per gate
+        self.register_buffer("costs", costs, persistent=False)
         self.log_alpha = nn.Parameter(torch.full((len(costs),), float(init), device=device))
 
     @property
