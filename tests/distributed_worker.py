@@ -8,6 +8,7 @@ recovery case writes the `finetune` output OUT/<case>/ for the model directory P
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ CASES = {
 RECOVERY = dict(max_steps=4, batch_size=1, grad_accum=3, lr=5e-3, lora_dropout=0.0, max_len=256, merge=True,
                 progress=False)
 RECOVERY_CASES = {"lora-ddp": dict(fsdp=False), "lora-fsdp": dict(fsdp=True)}
+# with dropout (each process's random stream matters) and a checkpoint every 2 steps, for the resume case
+RESUMABLE = dict(RECOVERY, lora_dropout=0.1, save_every=2, fsdp=True)
 REFUSED_UNDER_FSDP = {"weight": dict(criterion="sdmprune", importance="weight"),
                       "copy": dict(criterion="sdmprune", teacher="copy")}
 
@@ -59,6 +62,31 @@ def recover(name: str, output: Path, pruned: str, data: str, *, shard: bool) -> 
     return finetune(pruned, output / name, data=data, **RECOVERY, fsdp=RECOVERY_CASES[name]["fsdp"] and shard)
 
 
+class Stop(Exception):
+    pass
+
+
+def recover_interrupted_and_resumed(output: Path, pruned: str, data: str) -> None:
+    """RESUMABLE run straight through to OUT/straight, and stopped right after its step-2 checkpoint (on every
+    process) then resumed to OUT/resumed."""
+    finetune(pruned, output / "straight", data=data, **RESUMABLE)
+    module = importlib.import_module("sdmprune.recovery.finetune")
+    save = module._save_checkpoint
+
+    def save_then_stop(*args):
+        save(*args)
+        raise Stop
+
+    module._save_checkpoint = save_then_stop
+    try:
+        finetune(pruned, output / "resumed", data=data, **RESUMABLE)
+    except Stop:
+        pass
+    finally:
+        module._save_checkpoint = save
+    finetune(pruned, output / "resumed", data=data, resume=True, **RESUMABLE)
+
+
 def refusals() -> dict[str, str]:
     """The SdmpruneError of each setting refused under FSDP."""
     messages = {}
@@ -80,6 +108,7 @@ if __name__ == "__main__":
         run_case(case, out, shard=True)
     for case in RECOVERY_CASES:
         recover(case, out, pruned, data, shard=True)
+    recover_interrupted_and_resumed(out, pruned, data)
     messages = refusals()
     if is_main():
         (out / "refusals.json").write_text(json.dumps(messages))

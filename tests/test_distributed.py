@@ -116,6 +116,16 @@ def test_two_process_lora_recovery_matches_one_and_its_merged_export_reloads(cas
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
 
 
+def test_interrupted_sharded_recovery_resumes_to_the_uninterrupted_result(two_processes):
+    straight, resumed = two_processes / "multi" / "straight", two_processes / "multi" / "resumed"
+    assert [e["loss"] for e in json.loads((resumed / "loss.json").read_text())] == \
+        [e["loss"] for e in json.loads((straight / "loss.json").read_text())]
+    one, two = (load_file(d / "adapter_model.safetensors") for d in (straight, resumed))
+    assert one.keys() == two.keys()
+    for name in one:  # exact: the same optimizer state, re-sharded, and each process's own random stream
+        assert torch.equal(one[name], two[name]), name
+
+
 # Rank 1 dies at the first loss of the last step: the cold start and the first distillation step (3 passes each
 # per process: 5 windows over 2 processes, in lockstep under FSDP) are saved, the second is not.
 KILL_SCRIPT = """

@@ -6,9 +6,11 @@ Everything here is the identity in a single process, so the rest of the package 
   (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL with one GPU per LOCAL_RANK, else Gloo.
 - `shard_windows` gives each process a contiguous share of the calibration micro-batches, cut exactly as a
   single process cuts them (SDMPrune's weight importance takes |.| per micro-batch).
-- `all_reduce_sum` adds partial sums over processes; `broadcast_from_main` makes rank 0's decision everyone's.
+- `all_reduce_sum` adds partial sums over processes; `broadcast_from_main` / `broadcast_masks` make rank 0's
+  decision everyone's; `stack_from_all` collects one tensor per process (RNG states).
 - `shard_model` applies FSDP2 (`fully_shard`) per decoder layer and to the root, with gradients summed (not
-  averaged) over processes; `gathered` and `unshard_for_export` bring sharded tensors back whole.
+  averaged) over processes; `gathered` and `unshard_for_export` bring sharded tensors back whole,
+  `shaped_like` shards a whole one; `inference_context` is the no-gradient mode FSDP tolerates.
 """
 
 from __future__ import annotations
@@ -143,8 +145,10 @@ def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
     device = _comm_device()
     shape = torch.tensor(tensor.shape if is_main() else [0] * tensor.dim(), dtype=torch.long, device=device)
     dist.broadcast(shape, src=0)
-    buffer = tensor.to(device).contiguous() if is_main() else torch.empty(shape.tolist(), dtype=tensor.dtype,
-                                                                           device=device)
+    if is_main():
+        buffer = tensor.to(device).contiguous()
+    else:
+        buffer = torch.empty(shape.tolist(), dtype=tensor.dtype, device=device)
     dist.broadcast(buffer, src=0)
     return buffer.to(tensor.device)
 
