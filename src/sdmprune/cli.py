@@ -374,6 +374,8 @@ def run_finetune(args) -> None:
 
 
 def run_inspect(args) -> None:
+    if not is_main():  # nothing to share out: rank 0 answers
+        return
     model, _ = load_model(args.model, device="cpu")
     count = count_parameters(model)
     info = {
