@@ -103,7 +103,6 @@ def settings(args: argparse.Namespace) -> dict:
                                 "c4": "c4/c4_en_sample300_llamafactory.jsonl"}},
         "bf16": args.bf16,
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
     }
 
 
@@ -111,6 +110,9 @@ def load_results(path: Path, expected: dict) -> dict:
     if not path.is_file():
         return {"settings": expected, "records": {}}
     results = json.loads(path.read_text())
+    threads = results["settings"].pop("threads", None)  # older files: one thread count for every record
+    for record in results["records"].values():
+        record.setdefault("threads", threads)
     if results["settings"] != expected:
         sys.exit(f"{path} was made with other settings ({results['settings']}); pass another --results")
     return results
@@ -176,7 +178,8 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict) -> dict:
     return {
         "method": method, "ratio": ratio, "seed": seed, "config": config,
         "achieved": result.report["achieved"], "widths": result.masks.widths,
-        "prune_seconds": round(seconds, 1), "budget": budget, "memory": memory.record,
+        "prune_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "budget": budget,
+        "memory": memory.record,
         "ppl": evaluate(model, tokenizer, windows, args.bf16),
     }
 
@@ -310,13 +313,13 @@ def cost_table(records: dict) -> list[str]:
              "them), or NutePrune's training tokens (one teacher forward and one student forward + backward each). "
              "Peak extra memory: peak resident memory during the call minus the memory before it (the model's "
              "weights are already loaded: the teacher's and the method's own memory, activations, gradients).", "",
-             "| method | ratio | seconds | tokens | peak extra memory (MiB) | NutePrune state (MiB) | n |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | ratio | seconds | threads | tokens | peak extra memory (MiB) | NutePrune state (MiB) | n |",
+             "|---|---|---|---|---|---|---|---|"]
     for (method, ratio), group in sorted(groups.items(), key=lambda item: (item[0][1], list(METHODS).index(
             item[0][0]))):
         state = [r["budget"]["state_mib"] for r in group if "state_mib" in r["budget"]]
         lines.append(f"| {method} | {ratio:.0%} | {statistics.fmean(r['prune_seconds'] for r in group):.0f} | "
-                     f"{group[0]['budget']['tokens']:,} | "
+                     f"{', '.join(sorted({str(r['threads']) for r in group}))} | {group[0]['budget']['tokens']:,} | "
                      f"{statistics.fmean(r['memory']['peak_extra_mib'] for r in group):.0f} | "
                      f"{f'{statistics.fmean(state):.1f}' if state else ''} | {len(group)} |")
     return [*lines, ""]
