@@ -14,7 +14,16 @@ from .allocation import ALLOCATIONS
 from .criteria import CRITERIA, get_criterion
 from .criteria.sdmprune import IMPORTANCES
 from .data import TEXT_DATASETS, load_calibration, load_text
-from .distributed import barrier, init_from_env, is_main, is_sharded, shard_model, shutdown, unshard_for_export
+from .distributed import (
+    barrier,
+    init_from_env,
+    is_main,
+    is_sharded,
+    shard_model,
+    shutdown,
+    unshard_for_export,
+    world_size,
+)
 from .errors import SdmpruneError
 from .evaluation.perplexity import perplexity, tokenize_windows
 from .evaluation.tasks import ALL_TASKS, evaluate_tasks, parse_task_names, resolve_tasks, write_results
@@ -276,8 +285,9 @@ def run_prune(args) -> None:
 def run_nuteprune(args) -> None:
     """`prune --method nuteprune`: masks learned with LoRA and numerous teachers, then the same export."""
     _reject_options_of_other_method(args, NutePruneConfig, PruneConfig)
-    if args.fsdp:
-        raise SdmpruneError("--method nuteprune runs in one process: drop --fsdp")
+    if args.fsdp or world_size() > 1:
+        raise SdmpruneError("--method nuteprune runs in one process: launch it without torchrun / accelerate "
+                            "and without --fsdp")
     config = NutePruneConfig(**{f.name: getattr(args, f.name) for f in fields(NutePruneConfig)})
     config.validate()
     resume = _prepare_output(args)
