@@ -217,3 +217,5 @@ def test_cli(saved_model, text_file, tmp_path, capsys):
     assert "--criterion does not apply to --method nuteprune" in capsys.readouterr().err
     assert main([*args[:3], "--train-steps", "5", "--output", str(tmp_path / "x")]) == 2  # --method scoring
     assert "--train-steps does not apply to --method scoring" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / "sharded"), "--fsdp"]) == 2
+    assert "--method nuteprune runs in one process" in capsys.readouterr().err
