@@ -131,3 +131,18 @@ def write_results(name: str, results: dict, markdown: str) -> None:
 def machine_line(record: dict) -> str:
     return (f"Machine: {record['cpu']}, {record['logical_cores']} logical cores, torch {record['torch']}, "
             f"{record['torch_threads']} threads" + (f", {record['cuda']}" if record.get("cuda") else ""))
+
+
+def footer(results: dict) -> list[str]:
+    """The last markdown lines of every results file: the machine, and the command that made it."""
+    return [machine_line(results["machine"]), "", "```bash", results["command"], "```", ""]
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 from perf_common import (
     PeakMemory,
+    footer,
     forward_flops,
     linear_weights,
     machine,
-    machine_line,
     matmul_peak,
+    pyplot,
     run_worker,
     write_results,
 )
@@ -201,16 +202,12 @@ def markdown(results: dict) -> str:
             flops = row["flops"][stage]
             lines.append(f"| {name} | {stage} | {seconds:.1f} | {flops / 1e9:.0f} | {flops / seconds / 1e9:.0f} | "
                          f"{flops / seconds / peak:.2f} |")
-    lines += ["", machine_line(results["machine"]), "", "```bash", results["command"], "```", ""]
+    lines += ["", *footer(results)]
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     s = results["summary"]
     names = list(s)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

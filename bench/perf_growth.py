@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from perf_common import RESULTS, PeakMemory, log_slope, machine, machine_line, run_worker, write_results
+from perf_common import RESULTS, PeakMemory, footer, log_slope, machine, pyplot, run_worker, write_results
 
 TOKEN_WINDOWS, TOKEN_SEQ_LEN = (4, 8, 16, 32), 256
 SIZES = {  # name -> (hidden, intermediate, layers, heads, kv heads)
@@ -91,16 +91,12 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {row[x]:,} | {row['seconds']:.1f} | {row[x] / row['seconds']:,.0f} | "
                          f"{row['peak_mib']:.0f} | {row['above_model_mib']:.0f} |")
         lines.append("")
-    lines += [machine_line(results["machine"]), "", "```bash", results["command"], "```", ""]
+    lines += footer(results)
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     series = results["series"]
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
     for ax, (name, rows) in zip(axes[0], series.items(), strict=True):

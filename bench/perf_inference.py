@@ -28,10 +28,11 @@ from perf_common import (
     RESULTS,
     PeakMemory,
     device,
+    footer,
     forward_flops,
     machine,
-    machine_line,
     matmul_peak,
+    pyplot,
     run_worker,
     synchronize,
     write_results,
@@ -171,16 +172,12 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {row['params'] / 1e6:.1f}M | {' | '.join(cells)} | "
                          f"{gflops:.0f} ({gflops * 1e9 / peak:.2f}) | {row['peak_mib']:.0f} |")
         lines.append("")
-    lines += [machine_line(results["machine"]), "", "```bash", results["command"], "```", ""]
+    lines += footer(results)
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     phases = [*PREFILL, "decode"]
     fig, axes = plt.subplots(1, len(results["summary"]), figsize=(12, 4), squeeze=False)
     for ax, (dtype, rows) in zip(axes[0], results["summary"].items(), strict=True):
