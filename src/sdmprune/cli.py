@@ -196,6 +196,21 @@ def _ppl_windows(args, model, tokenizer):
     return tokenize_windows(tokenizer, text, args.seq_len, args.max_tokens or None, model)
 
 
+def _calibration(args, model, tokenizer, seed: int) -> tuple:
+    """`(windows (N, S), summary)` from --calib and its options."""
+    return load_calibration(
+        args.calib, tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=seed,
+        model=model, data_dir=args.data_dir, temperature=args.calib_temperature, top_p=args.calib_top_p,
+    )
+
+
+def _print_perplexity_change(args, evaluation: dict) -> None:
+    if evaluation:
+        b, a = evaluation["before"], evaluation["after"]
+        print(f"perplexity ({args.ppl_data}, {b['tokens']} tokens, windows of {b['seq_len']}): "
+              f"{b['ppl']:.2f} -> {a['ppl']:.2f}")
+
+
 def _ppl(args, model, tokenizer, windows) -> dict:
     result = perplexity(model, tokenizer, windows, batch_size=args.batch_size, bf16=args.bf16)
     return {"data": args.ppl_data, **result}
@@ -248,10 +263,7 @@ def run_prune(args) -> None:
         evaluation["before"] = _ppl(args, model, tokenizer, windows)
     calibration, calibration_summary = None, None
     if get_criterion(config.criterion).needs_calibration or uses_bias_compensation(config, model):
-        calibration, calibration_summary = load_calibration(
-            args.calib, tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=config.seed,
-            model=model, data_dir=args.data_dir, temperature=args.calib_temperature, top_p=args.calib_top_p,
-        )
+        calibration, calibration_summary = _calibration(args, model, tokenizer, config.seed)
     if Path(args.output).exists() and not resume and is_main():
         shutil.rmtree(args.output)  # --overwrite: the run state goes into the output directory
     barrier()
@@ -275,10 +287,7 @@ def run_prune(args) -> None:
           f"{achieved['mlp_ratio']:.4f} of MLP neurons")
     print(f"parameters {before_count.total:,} -> {achieved['params_after']:,}; "
           f"MLP width {before_count.widths[0]} -> {min(result.masks.widths) if result.masks.keep else 0}")
-    if evaluation:
-        b, a = evaluation["before"], evaluation["after"]
-        print(f"perplexity ({args.ppl_data}, {b['tokens']} tokens, windows of {b['seq_len']}): "
-              f"{b['ppl']:.2f} -> {a['ppl']:.2f}")
+    _print_perplexity_change(args, evaluation)
     print(f"wrote {args.output}/ (pruning.json, README.md, model.safetensors)")
 
 
@@ -294,10 +303,7 @@ def run_nuteprune(args) -> None:
     model, tokenizer = _load(args)
     windows = _ppl_windows(args, model, tokenizer)
     evaluation = {"before": _ppl(args, model, tokenizer, windows)} if windows is not None else {}
-    calibration, calibration_summary = load_calibration(
-        args.calib, tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=config.seed,
-        model=model, data_dir=args.data_dir, temperature=args.calib_temperature, top_p=args.calib_top_p,
-    )
+    calibration, calibration_summary = _calibration(args, model, tokenizer, config.seed)
     if Path(args.output).exists() and not resume:
         shutil.rmtree(args.output)  # --overwrite: the run state goes into the output directory
     result = nuteprune(model, config, calibration=calibration, calibration_summary=calibration_summary,
@@ -319,10 +325,7 @@ def run_nuteprune(args) -> None:
           f"{max(report['kv_heads'])} per layer")
     print(f"training: {training['tokens']:,} tokens in {training['seconds']:.0f} s; memory beyond the weights "
           f"{memory['state_total'] / 2**20:.2f} MiB (weights {memory['model_weights'] / 2**20:.1f} MiB)")
-    if evaluation:
-        b, a = evaluation["before"], evaluation["after"]
-        print(f"perplexity ({args.ppl_data}, {b['tokens']} tokens, windows of {b['seq_len']}): "
-              f"{b['ppl']:.2f} -> {a['ppl']:.2f}")
+    _print_perplexity_change(args, evaluation)
     print(f"wrote {args.output}/ (pruning.json, README.md, model.safetensors, nuteprune_log.json, nuteprune.png)")
 
 
