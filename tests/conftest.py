@@ -45,6 +45,15 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread (and do not compete with other jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tokenizer():
     return byte_tokenizer()
 
@@ -79,3 +88,26 @@ def shared_data():
     directory = Path(os.environ.get("SDMPRUNE_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
     assert directory.is_dir(), f"{directory} not found: set SDMPRUNE_DATA_DIR to the shared data directory"
     return directory
+
+
+def sigkill_at_loss_script(condition: str) -> str:
+    """A Python script running `sdmprune.cli.main(sys.argv[1:])` that SIGKILLs its own process at the loss
+    evaluation where `condition` (on `calls`, the count of losses so far, and `os`) first holds."""
+    return f"""
+import os, signal, sys
+import sdmprune.criteria.gradients as gradients
+from sdmprune.cli import main
+
+calls = 0
+original = gradients.self_distillation_loss
+
+def loss_then_die(*args, **kwargs):
+    global calls
+    calls += 1
+    if {condition}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+
+gradients.self_distillation_loss = loss_then_die
+sys.exit(main(sys.argv[1:]))
+"""

@@ -14,7 +14,7 @@ from pathlib import Path
 import distributed_worker as worker
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, sigkill_at_loss_script, tiny_model
 from safetensors.torch import load_file
 from test_finetune import EXAMPLES
 from transformers import AutoModelForCausalLM
@@ -37,12 +37,7 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=TESTS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 def test_shares_cut_like_one_process_and_fillers_keep_fsdp_in_step():
@@ -128,24 +123,7 @@ def test_interrupted_sharded_recovery_resumes_to_the_uninterrupted_result(two_pr
 
 # Rank 1 dies at the first loss of the last step: the cold start and the first distillation step (3 passes each
 # per process: 5 windows over 2 processes, in lockstep under FSDP) are saved, the second is not.
-KILL_SCRIPT = """
-import os, signal, sys
-import sdmprune.criteria.gradients as gradients
-from sdmprune.cli import main
-
-calls = 0
-original = gradients.self_distillation_loss
-
-def loss_then_die(*args, **kwargs):
-    global calls
-    calls += 1
-    if calls == 7 and os.environ["RANK"] == "1":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-
-gradients.self_distillation_loss = loss_then_die
-sys.exit(main(sys.argv[1:]))
-"""
+KILL_SCRIPT = sigkill_at_loss_script('calls == 7 and os.environ["RANK"] == "1"')
 
 
 def prune_args(model: Path, calib: Path, output: Path) -> list[str]:

@@ -36,13 +36,7 @@ DATA_DIR = Path(os.environ.get("SDMPRUNE_DATA_DIR", Path(__file__).parents[2] / 
 FAST = dict(max_len=256, batch_size=2, grad_accum=1, lr=5e-3, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and do not compete with other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

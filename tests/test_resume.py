@@ -10,30 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import sigkill_at_loss_script
 
 from sdmprune.cli import main
 from sdmprune.schedule import STATE_JSON
 
 # Kill the process at the 10th loss evaluation: 4 windows of cold start and 4 per distillation step,
 # so the cold start and the first of three distillation steps are saved and the second is half done.
-KILL_SCRIPT = """
-import os, signal, sys
-import sdmprune.criteria.gradients as gradients
-from sdmprune.cli import main
-
-calls = 0
-original = gradients.self_distillation_loss
-
-def loss_then_die(*args, **kwargs):
-    global calls
-    calls += 1
-    if calls == 10:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-
-gradients.self_distillation_loss = loss_then_die
-main(sys.argv[1:])
-"""
+KILL_SCRIPT = sigkill_at_loss_script("calls == 10")
 
 
 def prune_args(model: Path, calib: Path, output: Path) -> list[str]:

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import byte_tokenizer, tiny_model
 
 from sdmprune.cli import main
@@ -119,15 +118,6 @@ def test_task_name_parsing():
     assert parse_task_names("all") == list(ALL_TASKS)
     with pytest.raises(SdmpruneError, match="names no task"):
         parse_task_names(" , ")
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread (and do not compete with other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_eval_tasks_cli_writes_results(capsys, tmp_path, data_dir, one_thread):

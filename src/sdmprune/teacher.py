@@ -22,6 +22,14 @@ from .masks import NeuronMasks
 TEACHERS = ("masks-off", "copy", "progressive")
 
 
+def forward_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """`model`'s logits (B, S, V) for ids (B, S) without autograd, cloned into an ordinary tensor so
+    autograd may save it in the student's graph."""
+    with inference_context(model):
+        logits = model(input_ids=ids, use_cache=False).logits
+    return logits.clone()
+
+
 class Teacher(Protocol):
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Teacher logits (B, S, V) for ids (B, S), a constant for autograd."""
@@ -34,9 +42,8 @@ class MasksOffTeacher:
         self.model, self.masks = model, masks
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with self.masks.disabled(), inference_context(self.model):
-            logits = self.model(input_ids=ids, use_cache=False).logits
-        return logits.clone()  # an ordinary tensor, so autograd may save it
+        with self.masks.disabled():
+            return forward_logits(self.model, ids)
 
 
 class ProgressiveTeacher:
@@ -54,11 +61,9 @@ class ProgressiveTeacher:
         student = self.masks.keep
         self.masks.keep = self.history[index]
         try:
-            with inference_context(self.model):
-                logits = self.model(input_ids=ids, use_cache=False).logits
+            return forward_logits(self.model, ids)
         finally:
             self.masks.keep = student
-        return logits.clone()
 
 
 class CopyTeacher:
@@ -71,9 +76,7 @@ class CopyTeacher:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids, use_cache=False).logits
-        return logits.clone()
+        return forward_logits(self.model, ids)
 
 
 def copy_teacher_before_masking(model: nn.Module, kind: str) -> CopyTeacher | None:
