@@ -34,14 +34,15 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with 256 byte tokens + EOS (id 256)."""
+def byte_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with 256 byte tokens + EOS; with `bos` also a BOS token that, like SmolLM2's
+    tokenizer, it defines but does not add."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {char: i for i, char in enumerate(sorted(alphabet))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = tokenizer_decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", bos_token="<bos>" if bos else None)
 
 
 @pytest.fixture

@@ -16,10 +16,12 @@ from sdmprune.evaluation.tasks import (
     ALL_TASKS,
     SDMPRUNE_TASKS,
     TASKS,
+    evaluate_tasks,
     parse_task_names,
     sdmprune_average,
     select_metric,
     task_manager,
+    with_bos,
 )
 
 DATA_DIR = Path(os.environ.get("SDMPRUNE_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
@@ -142,3 +144,25 @@ def test_eval_tasks_cli_writes_results(capsys, tmp_path, data_dir, one_thread):
                  "--output", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "unknown task(s) nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_with_bos_makes_a_copy_that_prepends_the_bos_token():
+    tokenizer = byte_tokenizer(bos=True)
+    bos, text = tokenizer.bos_token_id, tokenizer("ab").input_ids
+    assert bos is not None and len(text) == 2 and bos not in text  # defined, not added (as SmolLM2's)
+    bos_first = with_bos(tokenizer)
+    assert bos_first("ab").input_ids == [bos, *text]
+    assert tokenizer("ab").input_ids == text  # the caller's tokenizer is untouched
+    assert with_bos(bos_first) is bos_first
+    no_bos = byte_tokenizer()
+    assert with_bos(no_bos) is no_bos  # Qwen-like: nothing to prepend
+
+
+def test_every_scored_request_starts_with_bos(data_dir, one_thread):
+    model, tokenizer = tiny_model("llama", max_position_embeddings=2048), byte_tokenizer(bos=True)  # no truncation
+    first_tokens = []
+    model.register_forward_pre_hook(lambda module, args: first_tokens.append(args[0][:, 0].tolist()))
+    result = evaluate_tasks(model, tokenizer, ["boolq", "siqa"], data_dir=data_dir, limit=3, batch_size=2)
+    first = [token for batch in first_tokens for token in batch]
+    assert len(first) == 3 * 2 + 3 * 3  # one row per (item, choice)
+    assert set(first) == {tokenizer.bos_token_id} and result["bos_token"] == "<bos>"

@@ -12,6 +12,7 @@ pct_stereotype for CrowS-Pairs, else acc. The average is the unweighted mean of 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -217,6 +218,24 @@ def resolve_tasks(names: Sequence[str], data_dir: str | Path | None = None) -> T
     return TaskSelection(manager, run_names, local)
 
 
+def with_bos(tokenizer):
+    """`tokenizer`, or a copy of it, whose encodings start with its BOS token (METHOD.md's add_bos_token=True).
+
+    HFLM's `add_bos_token` reaches only tokenizers the harness builds itself; with ours it merely asks for
+    special tokens, and a tokenizer whose post-processor adds none (SmolLM2's, GGUF-converted ones) would
+    score every item without BOS. A tokenizer that defines no BOS token (Qwen2/3) is returned unchanged.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None or tokenizer("a").input_ids[:1] == [bos]:
+        return tokenizer
+    bos_first = copy.deepcopy(tokenizer)
+    bos_first.add_bos_token = True
+    if bos_first("a").input_ids[:1] != [bos]:
+        raise SdmpruneError(f"could not make the {type(tokenizer).__name__} tokenizer prepend its BOS token "
+                            f"{tokenizer.bos_token!r}: the zero-shot protocol needs it")
+    return bos_first
+
+
 def evaluate_tasks(
     model,
     tokenizer,
@@ -231,8 +250,10 @@ def evaluate_tasks(
     """Zero-shot evaluation of an in-memory model (a PreTrainedModel or a PeftModel) on `tasks` (names, or
     a `resolve_tasks` result).
 
+    Every request starts with the tokenizer's BOS token (see `with_bos`).
     Returns {"tasks": {name: {"harness_task", "metric", "value", "stderr", "n"}}, "average" (the 10-task
-    mean or None), "source" ("local" or "hub"), "limit", "seconds"}; values are fractions in [0, 1].
+    mean or None), "source" ("local" or "hub"), "bos_token" (None if the tokenizer has none), "limit",
+    "seconds"}; values are fractions in [0, 1].
     """
     _require_lm_eval()
     from lm_eval import simple_evaluate
@@ -242,6 +263,7 @@ def evaluate_tasks(
     run_names = selection.run_names
     if limit is not None and limit < 1:
         raise SdmpruneError(f"--limit must be at least 1, got {limit}")
+    tokenizer = with_bos(tokenizer)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, add_bos_token=True, batch_size=batch_size,
               max_length=context_length(model), mixed_precision_dtype=torch.bfloat16 if bf16 else None)
     start = time.perf_counter()
@@ -272,6 +294,7 @@ def evaluate_tasks(
         "average": sdmprune_average({name: r["value"] for name, r in scored.items()}),
         "average_tasks": list(SDMPRUNE_TASKS),
         "source": "local" if selection.local else "hub",
+        "bos_token": tokenizer.bos_token,
         "limit": limit,
         "seconds": seconds,
     }
@@ -288,7 +311,9 @@ def results_markdown(result: dict, title: str = "Zero-shot results") -> str:
                  " | | |")
     lines += [
         "",
-        f"Zero-shot, lm-evaluation-harness, `add_bos_token=True`; task data: {result['source']}"
+        "Zero-shot, lm-evaluation-harness, "
+        + (f"BOS `{result['bos_token']}` prepended" if result.get("bos_token") else "no BOS (the tokenizer has none)")
+        + f"; task data: {result['source']}"
         + (f"; first {result['limit']} items per task" if result["limit"] else "") + ".",
         "The average is the unweighted mean of " + ", ".join(result["average_tasks"])
         + " (n/a unless all were run); crows_pairs counts its pct_stereotype as is, as the paper does.",
