@@ -1,8 +1,9 @@
 """BoolQ check: is a model's below-chance BoolQ score the model's or the evaluation's?
 
-Scores the first --limit BoolQ items outside lm-evaluation-harness: one forward pass per item over BOS + the
-harness's prompt (`{passage}\\nQuestion: {question}?\\nAnswer:`), then the log-probabilities of the two
-one-token answers " yes" and " no". Reports the accuracy (to compare with `sdmprune eval`), how often the
+Scores the first --limit BoolQ items outside lm-evaluation-harness's model code: the items, prompts and
+answers come from the shipped task definition (`{passage}\\nQuestion: {question}?\\nAnswer:`, answers " no"
+/ " yes"), then one fp32 forward pass per item over BOS + the prompt gives the log-probabilities of the two
+one-token answers. Reports the accuracy (to compare with `sdmprune eval`), how often the
 model says yes against how often the answer is yes, and the ROC AUC of the margin log P(yes) - log P(no)
 against the label: an AUC near 0.5 means the margin carries no information about the answer, so no
 threshold or calibration would lift the accuracy above the majority class.
@@ -15,7 +16,6 @@ Writes bench/results/boolq_check.{json,md}.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -23,26 +23,26 @@ import time
 from pathlib import Path
 
 import torch
+from lm_eval.tasks import get_task_dict
 
-from sdmprune.evaluation.tasks import with_bos
+from sdmprune.evaluation.tasks import resolve_tasks, with_bos
 from sdmprune.models.loading import load_model
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def answer_margins(model, tokenizer, items: list[dict]) -> torch.Tensor:
-    """(n,) log P(" yes") - log P(" no") at the answer position, fp32."""
-    yes, no = (tokenizer(word, add_special_tokens=False).input_ids for word in (" yes", " no"))
-    if len(yes) != 1 or len(no) != 1:
-        sys.exit("this check needs ' yes' and ' no' to be single tokens")
+def answer_margins(model, tokenizer, prompts: list[str], answers: tuple[str, str]) -> torch.Tensor:
+    """(n,) log P(answers[1]) - log P(answers[0]) at the position after each prompt, fp32."""
+    first, second = (tokenizer(answer, add_special_tokens=False).input_ids for answer in answers)
+    if len(first) != 1 or len(second) != 1:
+        sys.exit(f"this check needs {answers[0]!r} and {answers[1]!r} to be single tokens")
     tokenizer = with_bos(tokenizer)
     margins = []
     with torch.inference_mode():
-        for item in items:
-            prompt = f"{item['passage']}\nQuestion: {item['question']}?\nAnswer:"
+        for prompt in prompts:
             ids = torch.tensor([tokenizer(prompt).input_ids], device=model.device)
             log_probs = model(ids).logits[0, -1].float().log_softmax(-1)
-            margins.append(log_probs[yes[0]] - log_probs[no[0]])
+            margins.append(log_probs[second[0]] - log_probs[first[0]])
     return torch.stack(margins).cpu()
 
 
@@ -63,13 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = os.environ.get("SDMPRUNE_DATA_DIR")
     if not data_dir:
         sys.exit("set SDMPRUNE_DATA_DIR to the shared data directory (e.g. ../shared/data)")
-    with open(Path(data_dir) / "boolq" / "validation.jsonl") as lines:
-        items = [json.loads(line) for line in itertools.islice(lines, args.limit)]
+    task = get_task_dict(["boolq"], resolve_tasks(["boolq"], data_dir).manager)["boolq"]
+    items = list(task.validation_docs())[: args.limit]
+    answers = tuple(task.config.target_delimiter + choice for choice in task.doc_to_choice(items[0]))  # no, yes
 
     model, tokenizer = load_model(args.model, dtype="float32")
     start = time.perf_counter()
-    margins = answer_margins(model, tokenizer, items)
-    labels = torch.tensor([int(item["label"]) for item in items])
+    margins = answer_margins(model, tokenizer, [task.doc_to_text(item) for item in items], answers)
+    labels = torch.tensor([task.doc_to_target(item) for item in items])
     says_yes = margins > 0
     result = {
         "model": args.model,
