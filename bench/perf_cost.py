@@ -81,7 +81,7 @@ def pass_flops(model, windows: int, seq_len: int, kind: str) -> float:
 def warm_up(model, ids: torch.Tensor) -> None:
     """One short forward+backward (activation gradients only: no weight-gradient memory is left behind), so
     no run pays the first call's kernel set-up inside its timing."""
-    from sdmprune.evaluation.perplexity import autocast_context
+    from sdmprune.runtime import autocast_context
 
     device = next(model.parameters()).device
     flags = [p.requires_grad for p in model.parameters()]
@@ -98,9 +98,9 @@ def worker(args: argparse.Namespace) -> dict:
     """One run in this process: load, take the calibration windows, reset the peak, run, report."""
     from sdmprune import load_model
     from sdmprune.data.calibration import load_calibration
-    from sdmprune.evaluation.perplexity import autocast_context
     from sdmprune.losses import next_token_ce
     from sdmprune.pruning import PruneConfig, prune
+    from sdmprune.runtime import autocast_context
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)

@@ -1,17 +1,17 @@
 """sdmprune: structured MLP pruning of causal LMs guided by self-distillation."""
 
-__version__ = "0.1.0"
-
-from .errors import SdmpruneError  # noqa: E402
-from .evaluation import perplexity  # noqa: E402
-from .export import export_pruned, load_pruned, slice_model  # noqa: E402
-from .masks import NeuronMasks, count_parameters  # noqa: E402
-from .models import load_model  # noqa: E402
-from .nuteprune import NutePruneConfig, NutePruneResult, nuteprune  # noqa: E402
-from .pruning import PruneConfig, PruneResult, prune  # noqa: E402
-from .recovery import FinetuneConfig, finetune  # noqa: E402
+from ._version import __version__
+from .errors import SdmpruneError
+from .evaluation import perplexity
+from .export import export_pruned, slice_model
+from .masks import NeuronMasks, count_parameters
+from .models import load_model, load_pruned
+from .nuteprune import NutePruneConfig, NutePruneResult, nuteprune
+from .pruning import PruneConfig, PruneResult, prune
+from .recovery import FinetuneConfig, finetune
 
 __all__ = [
+    "__version__",
     "FinetuneConfig",
     "NeuronMasks",
     "NutePruneConfig",

@@ -14,20 +14,11 @@ from .allocation import ALLOCATIONS
 from .criteria import CRITERIA, get_criterion
 from .criteria.sdmprune import IMPORTANCES
 from .data import TEXT_DATASETS, load_calibration, load_text
-from .distributed import (
-    barrier,
-    init_from_env,
-    is_main,
-    is_sharded,
-    shard_model,
-    shutdown,
-    unshard_for_export,
-    world_size,
-)
+from .distributed import barrier, init_from_env, is_main, is_sharded, shard_model, shutdown, world_size
 from .errors import SdmpruneError
 from .evaluation.perplexity import perplexity, tokenize_windows
 from .evaluation.tasks import ALL_TASKS, evaluate_tasks, parse_task_names, resolve_tasks, write_results
-from .export import export_pruned
+from .export import export_pruned, unshard_for_export
 from .io import check_output_dir
 from .masks import count_parameters
 from .models import DEFAULT_MODEL, load_model

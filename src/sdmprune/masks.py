@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .models.architectures import Architecture, get_architecture
+from .models.architectures import Architecture, attention_group_shape, get_architecture
 
 
 class ChannelMasks:
@@ -109,13 +109,6 @@ class NeuronMasks(ChannelMasks):
     def widths(self) -> list[int]:
         """Kept neurons per layer."""
         return [int(mask.sum()) for mask in self.keep]
-
-
-def attention_group_shape(model: nn.Module) -> tuple[int, int]:
-    """(G, d): query heads per key/value head and the head dimension, from the model's config."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads), head_dim
 
 
 class HeadMasks(ChannelMasks):

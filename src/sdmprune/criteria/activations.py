@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_sum, gathered, inference_context, is_main, world_size
-from ..evaluation.perplexity import autocast_context
+from ..runtime import autocast_context
 from . import ScoringContext
 
 

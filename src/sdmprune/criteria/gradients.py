@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from ..distributed import is_main
 from ..errors import SdmpruneError
-from ..evaluation.perplexity import autocast_context
 from ..losses import self_distillation_loss
+from ..runtime import autocast_context
 from . import ScoringContext
 
 MLPWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # W_gate (I, H), W_up (I, H), W_down (H, I)

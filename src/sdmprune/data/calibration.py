@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import inference_context, is_main
 from ..errors import SdmpruneError
-from ..evaluation.perplexity import context_length
+from ..runtime import context_length
 from .text import CALIBRATION_DATASETS, dataset_documents, read_jsonl
 
 SELF_SOURCE = "self"

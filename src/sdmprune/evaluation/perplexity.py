@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +16,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_sum, inference_context, is_main, is_sharded, shard_windows
 from ..errors import SdmpruneError
-
-
-def context_length(model: nn.Module) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
+from ..runtime import autocast_context, context_length
 
 
 def tokenize_windows(
@@ -42,10 +38,6 @@ def tokenize_windows(
             "use a longer text, a larger --max-tokens or a smaller --seq-len"
         )
     return ids[: n_windows * seq_len].view(n_windows, seq_len)
-
-
-def autocast_context(device: torch.device, bf16: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def perplexity(

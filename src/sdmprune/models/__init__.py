@@ -1,7 +1,7 @@
 """Model loading and the architecture registry."""
 
 from .architectures import ARCHITECTURES, Architecture, get_architecture, register
-from .loading import DEFAULT_MODEL, load_model, resolve_device, resolve_dtype
+from .loading import DEFAULT_MODEL, load_model, load_pruned
 
 __all__ = [
     "ARCHITECTURES",
@@ -9,7 +9,6 @@ __all__ = [
     "DEFAULT_MODEL",
     "get_architecture",
     "load_model",
+    "load_pruned",
     "register",
-    "resolve_device",
-    "resolve_dtype",
 ]

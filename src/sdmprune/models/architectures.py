@@ -72,3 +72,10 @@ def get_architecture(model_or_type: nn.Module | str) -> Architecture:
             "(add one with sdmprune.models.architectures.register)"
         )
     return ARCHITECTURES[model_type]
+
+
+def attention_group_shape(model: nn.Module) -> tuple[int, int]:
+    """(G, d): query heads per key/value head and the head dimension, from the model's config."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads), head_dim

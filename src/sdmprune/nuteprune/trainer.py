@@ -28,11 +28,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SdmpruneError
-from ..evaluation.perplexity import autocast_context
 from ..io import atomic_file, flatten_optimizer, unflatten_optimizer
 from ..losses import hidden_state_mse, soft_target_kl
 from ..masks import HeadMasks, NeuronMasks, count_parameters
 from ..options import described
+from ..runtime import autocast_context
 from ..schedule import STATE_JSON
 from .gates import HardConcreteGates, StructureMasks
 from .lagrangian import Lagrangian, sparsity_target

@@ -41,12 +41,11 @@ from ..distributed import (
     world_size,
 )
 from ..errors import SdmpruneError
-from ..evaluation.perplexity import autocast_context, context_length
-from ..export import library_versions
 from ..io import atomic_directory, check_output_dir, flatten_optimizer, unflatten_optimizer
 from ..losses import kl_per_position
 from ..models import load_model
 from ..options import described
+from ..runtime import autocast_context, context_length, library_versions
 from .data import IGNORE_INDEX, TokenizedData, collate, load_instructions, tokenize_dataset
 
 CHECKPOINT_DIR, RECORD = "checkpoint", "recovery.json"

@@ -15,64 +15,19 @@ When attention groups are removed, `config.head_dim` is written explicitly and `
 from __future__ import annotations
 
 import json
-import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
-from . import __version__
-from .errors import SdmpruneError
-from .io import atomic_directory, check_output_dir
-from .masks import HeadMasks, NeuronMasks, attention_group_shape, count_parameters
-from .models.architectures import Architecture, get_architecture
-from .models.loading import resolve_device, resolve_dtype
-
-
-def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor, size: int) -> nn.Parameter:
-    """Entries `index` of `tensor` along `dim`, zero-padded to `size` (>= len(index)) there."""
-    kept = tensor.detach().index_select(dim, index.to(tensor.device))
-    if size > index.numel():
-        pad_shape = list(kept.shape)
-        pad_shape[dim] = size - index.numel()
-        kept = torch.cat([kept, kept.new_zeros(pad_shape)], dim=dim)
-    return nn.Parameter(kept.contiguous(), requires_grad=tensor.requires_grad)
-
-
-def _resize_outputs(linear: nn.Linear, index: torch.Tensor, size: int) -> None:
-    linear.weight = _take(linear.weight, 0, index, size)
-    if linear.bias is not None:
-        linear.bias = _take(linear.bias, 0, index, size)
-    linear.out_features = size
-
-
-def _resize_mlp(architecture: Architecture, mlp: nn.Module, index: torch.Tensor, width: int) -> None:
-    """Keep neurons `index` of one MLP, zero-padded to `width` (>= len(index)), in place."""
-    gate, up, down = architecture.projections(mlp)
-    for linear in (gate, up):
-        _resize_outputs(linear, index, width)
-    down.weight = _take(down.weight, 1, index, width)
-    down.in_features = width
-
-
-def _resize_attention(architecture: Architecture, attention: nn.Module, index: torch.Tensor, n_groups: int,
-                      group_size: int, head_dim: int) -> None:
-    """Keep attention groups `index` (key/value heads with their G query heads) of one attention block,
-    zero-padded to `n_groups` (>= len(index)) groups, in place."""
-    q, k, v, o = architecture.attention_projections(attention)
-    index = index.to(q.weight.device)
-
-    def channels(width: int) -> torch.Tensor:  # the rows of each kept group in a (groups·width)-row weight
-        return (index[:, None] * width + torch.arange(width, device=index.device)).flatten()
-
-    _resize_outputs(q, channels(group_size * head_dim), n_groups * group_size * head_dim)
-    for linear in (k, v):
-        _resize_outputs(linear, channels(head_dim), n_groups * head_dim)
-    o.weight = _take(o.weight, 1, channels(group_size * head_dim), n_groups * group_size * head_dim)
-    o.in_features = n_groups * group_size * head_dim
+from ..errors import SdmpruneError
+from ..io import atomic_directory, check_output_dir
+from ..masks import HeadMasks, NeuronMasks, count_parameters
+from ..models.architectures import Architecture, attention_group_shape, get_architecture
+from ..models.resize import resize_attention, resize_mlp
+from ..runtime import library_versions
 
 
 def _set_attention_config(model: PreTrainedModel, n_groups: int) -> None:
@@ -113,7 +68,7 @@ def slice_model(model: PreTrainedModel, masks: NeuronMasks, *, padded: bool = Fa
     width_max = max(widths)
     for mlp, keep in zip(architecture.mlps(model), masks.keep, strict=True):
         index = torch.nonzero(keep).flatten()
-        _resize_mlp(architecture, mlp, index, width_max if padded else index.numel())
+        resize_mlp(architecture, mlp, index, width_max if padded else index.numel())
     if any(bias is not None for bias in masks.down_bias):
         _store_down_bias(architecture, model, masks.down_bias)
     masks.remove()
@@ -123,22 +78,11 @@ def slice_model(model: PreTrainedModel, masks: NeuronMasks, *, padded: bool = Fa
         groups_max = max(heads.kv_heads)
         for attention, keep in zip(architecture.attentions(model), heads.keep, strict=True):
             index = torch.nonzero(keep).flatten()
-            _resize_attention(architecture, attention, index, groups_max if padded else index.numel(),
+            resize_attention(architecture, attention, index, groups_max if padded else index.numel(),
                               group_size, head_dim)
         heads.remove()
         _set_attention_config(model, groups_max)
     return [width_max] * len(widths) if padded else widths
-
-
-def library_versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "sdmprune": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def export_pruned(
@@ -232,45 +176,3 @@ def model_card(record: dict) -> str:
         lines.append(f"| perplexity {name} | {result} |")
     lines += ["", "## Loading", "", loading, "", "`pruning.json` lists the kept neuron indices of every layer.", ""]
     return "\n".join(lines)
-
-
-def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    state = {}
-    for name in files:
-        state.update(load_file(directory / name))
-    return state
-
-
-def load_pruned(directory: str | Path, *, dtype: str = "auto", device: str = "auto"):
-    """Load any sdmprune export, including per-layer widths, as `(model, tokenizer)`."""
-    directory = Path(directory)
-    record_path = directory / "pruning.json"
-    if not record_path.is_file():
-        raise SdmpruneError(f"{directory} has no pruning.json: it is not an sdmprune export")
-    record = json.loads(record_path.read_text())
-    torch_device = resolve_device(device)
-    config = AutoConfig.from_pretrained(directory)
-    architecture = get_architecture(config.model_type)
-    per_layer = record["export"]["layout"] == "per-layer"
-    stored: Sequence[int] = (
-        record["widths"] if per_layer else [record["export"]["intermediate_size"]] * len(record["widths"])
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for mlp, width in zip(architecture.mlps(model), stored, strict=True):
-        _resize_mlp(architecture, mlp, torch.arange(width), width)
-    if per_layer and "kv_heads" in record:
-        group_size, head_dim = attention_group_shape(model)
-        for attention, n_groups in zip(architecture.attentions(model), record["kv_heads"], strict=True):
-            _resize_attention(architecture, attention, torch.arange(n_groups), n_groups, group_size, head_dim)
-    missing, unexpected = model.load_state_dict(_load_state_dict(directory), strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise SdmpruneError(f"{directory} does not match its pruning.json (missing {missing}, unexpected {unexpected})")
-    model.tie_weights()
-    model = model.to(device=torch_device, dtype=resolve_dtype(dtype, torch_device)).eval()
-    return model, AutoTokenizer.from_pretrained(directory)

@@ -1,0 +1,54 @@
+"""Where and how tensors run: device and dtype choice, bf16 autocast, the model's context length, and the
+library versions recorded beside every result. Imported by everything below the models."""
+
+from __future__ import annotations
+
+import platform
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .errors import SdmpruneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise SdmpruneError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    """bf16 autocast on `device` when asked, else nothing."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's positions support (tokens), when its config says."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "sdmprune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
