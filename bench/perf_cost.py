@@ -99,7 +99,7 @@ def worker(args: argparse.Namespace) -> dict:
     from sdmprune import load_model
     from sdmprune.data.calibration import load_calibration
     from sdmprune.losses import next_token_ce
-    from sdmprune.pruning import PruneConfig, prune
+    from sdmprune.pruning import prune
     from sdmprune.runtime import autocast_context
 
     torch.manual_seed(0)
@@ -121,9 +121,10 @@ def worker(args: argparse.Namespace) -> dict:
         record["passes"] = {"plain": time.perf_counter() - start}
         record["flops"] = {"plain": pass_flops(model, args.windows, args.seq_len, "plain")}
     else:
-        config = PruneConfig(ratio=args.ratio, bf16=True, **RUNS[args.worker])
-        report = prune(model, config, calibration=ids).report
-        grads = "weight" if config.criterion == "taylor" or config.importance == "weight" else "activation"
+        report = prune(model, ratio=args.ratio, bf16=True, calibration=ids, **RUNS[args.worker]).report
+        settings = RUNS[args.worker]
+        grads = ("weight" if settings["criterion"] == "taylor" or settings.get("importance") == "weight"
+                 else "activation")
         names = [f"{s['stage']}" for s in report["steps"]]
         record["passes"] = {name: s["seconds"] for name, s in zip(names, report["steps"], strict=True)}
         record["flops"] = {name: pass_flops(model, args.windows, args.seq_len,

@@ -55,7 +55,7 @@ def worker(spec: str) -> dict:
     """One SDMPrune run; returns its wall time, peak memory above the loaded model, parameters and tokens."""
     from sdmprune import load_model
     from sdmprune.data.calibration import load_calibration
-    from sdmprune.pruning import PruneConfig, prune
+    from sdmprune.pruning import prune
 
     torch.manual_seed(0)
     series, value = spec.split(":")
@@ -69,7 +69,7 @@ def worker(spec: str) -> dict:
     loaded = memory.current_mib()
     memory.reset()
     start = time.perf_counter()
-    prune(model, PruneConfig(ratio=0.2, bf16=True), calibration=ids)
+    prune(model, ratio=0.2, bf16=True, calibration=ids)
     return {"seconds": time.perf_counter() - start, "above_model_mib": max(memory.peak_mib() - loaded, 1.0),
             "peak_mib": memory.peak_mib(), "params": sum(p.numel() for p in model.parameters()),
             "tokens": ids.numel()}

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_exports(args: argparse.Namespace) -> dict[str, str]:
     """Model specs by name: the dense alias and each export, created if missing."""
     from sdmprune import export_pruned, load_model
-    from sdmprune.pruning import PruneConfig, prune
+    from sdmprune.pruning import prune
 
     specs = {"dense": args.model}
     for name, (ratio, allocation, padded) in EXPORTS.items():
@@ -76,8 +76,7 @@ def make_exports(args: argparse.Namespace) -> dict[str, str]:
         specs[name] = str(directory)
         if not (directory / "pruning.json").is_file():
             model, tokenizer = load_model(args.model)
-            config = PruneConfig(criterion="magnitude", ratio=ratio, allocation=allocation)
-            result = prune(model, config)
+            result = prune(model, criterion="magnitude", ratio=ratio, allocation=allocation)
             export_pruned(model, tokenizer, result.masks, directory, report=result.report, overwrite=True,
                           padded=padded)
     return specs

@@ -67,7 +67,7 @@ def run(argv: list[str], stages: list[dict], name: str) -> None:
 
 def eval_argv(model: str, output: Path, limit: int) -> list[str]:
     return ["eval", "--model", model, "--tasks", ",".join(ALL_TASKS), "--limit", str(limit), "--ppl-data",
-            "wikitext2", "--seq-len", "512", "--max-tokens", "16384", "--bf16", "--batch-size", "8",
+            "wikitext2", "--seq-len", "512", "--max-tokens", "16384", "--bf16", "--eval-batch-size", "8",
             "--output", str(output)]
 
 

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from tokenizers import decoders as tokenizer_decoders
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 VOCAB = 260
 
 
@@ -16,10 +16,17 @@ def tiny_config(model_type: str, **overrides):
     settings = dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=model_type in ("qwen2", "qwen3"),
+        tie_word_embeddings=model_type in ("qwen2", "qwen3", "gemma3_text"),
     )
     if model_type == "qwen3":
         settings["head_dim"] = 8
+    if model_type == "gemma3_text":
+        # As Gemma 3 270M/1B: one key/value head, head_dim not hidden/heads, sliding layers then a full one.
+        # A window of 4 tokens is shorter than the test inputs, so the sliding mask matters.
+        layers = overrides.get("num_hidden_layers", settings["num_hidden_layers"])
+        settings.update(num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                        layer_types=["full_attention" if (i + 1) % 2 == 0 else "sliding_attention"
+                                     for i in range(layers)])
     settings.update(overrides)
     return AutoConfig.for_model(model_type, **settings)
 

@@ -19,17 +19,19 @@ from safetensors.torch import save_file
 
 from sdmprune import SdmpruneError, finetune, prune
 from sdmprune.distributed import init_from_env, is_main, shard_model, shutdown
+from sdmprune.masks import NeuronMasks
+from sdmprune.reconstruct import ReconstructConfig, reconstruct
 
 # 5 windows: an uneven share for 2 processes (3 + 2 micro-batches, FSDP runs a filler pass on one of them)
 WINDOWS, SEQ = 5, 16
-SETTINGS = dict(mlp_ratio=0.5, cold_start=0.1, seed=1)
+SETTINGS = dict(mlp_ratio=0.5, seed=1)
 CASES = {
     "taylor": dict(criterion="taylor", steps=2),
-    "sdmprune": dict(criterion="sdmprune", steps=2),  # activation-wanda, masks-off teacher, cold start
-    "sdmprune-weight-copy": dict(criterion="sdmprune", importance="weight", teacher="copy"),
+    "sdmprune": dict(criterion="sdmprune", steps=2, cold_start=0.1),  # activation-wanda, masks-off teacher, cold start
+    "sdmprune-weight-copy": dict(criterion="sdmprune", importance="weight", teacher="copy", cold_start=0.1),
     "flap": dict(criterion="flap", micro_batch=2),  # activation statistics merged across processes + bias
     "taylor-fsdp": dict(criterion="taylor", fsdp=True),
-    "sdmprune-fsdp": dict(criterion="sdmprune", steps=2, fsdp=True),
+    "sdmprune-fsdp": dict(criterion="sdmprune", steps=2, cold_start=0.1, fsdp=True),
     "wanda-sp-fsdp": dict(criterion="wanda-sp", micro_batch=2, fsdp=True),
 }
 # 3 micro-batches per step over 2 processes (2 + 1 and a filler); no dropout, so one process gives the same
@@ -38,8 +40,9 @@ RECOVERY = dict(max_steps=4, batch_size=1, grad_accum=3, lr=5e-3, lora_dropout=0
 RECOVERY_CASES = {"lora-ddp": dict(fsdp=False), "lora-fsdp": dict(fsdp=True)}
 # with dropout (each process's random stream matters) and a checkpoint every 2 steps, for the resume case
 RESUMABLE = dict(RECOVERY, lora_dropout=0.1, save_every=2, fsdp=True)
-REFUSED_UNDER_FSDP = {"weight": dict(criterion="sdmprune", importance="weight"),
-                      "copy": dict(criterion="sdmprune", teacher="copy")}
+RECONSTRUCT_MODES = ("one-shot", "sequential")  # reconstruct_case: Grams all-reduced per layer, 3 + 2 windows
+REFUSED_UNDER_FSDP = {"weight": dict(criterion="sdmprune", importance="weight", cold_start=0.1),
+                      "copy": dict(criterion="sdmprune", teacher="copy", cold_start=0.1)}
 
 
 def calibration() -> torch.Tensor:
@@ -71,20 +74,48 @@ def recover_interrupted_and_resumed(output: Path, pruned: str, data: str) -> Non
     process) then resumed to OUT/resumed."""
     finetune(pruned, output / "straight", data=data, **RESUMABLE)
     module = importlib.import_module("sdmprune.recovery.finetune")
-    save = module._save_checkpoint
+    save = module.save_training_state
 
     def save_then_stop(*args):
         save(*args)
         raise Stop
 
-    module._save_checkpoint = save_then_stop
+    module.save_training_state = save_then_stop
     try:
         finetune(pruned, output / "resumed", data=data, **RESUMABLE)
     except Stop:
         pass
     finally:
-        module._save_checkpoint = save
+        module.save_training_state = save
     finetune(pruned, output / "resumed", data=data, resume=True, **RESUMABLE)
+
+
+def reconstruct_case(output: Path) -> None:
+    """One-shot and sequential reconstruction, with intercept, of a tiny Llama with fixed masks (half of each layer
+    kept); rank 0 writes, per mode, OUT/reconstruct/<mode>.safetensors: each layer's all-reduced Gram of the kept
+    neurons (`gram.<l>`, captured where the refit is solved) and the refit (`weight.<l>`, `bias.<l>`)."""
+    module = importlib.import_module("sdmprune.reconstruct")
+    solve = module.refit
+    for mode in RECONSTRUCT_MODES:
+        model = tiny_model("llama")
+        generator = torch.Generator().manual_seed(3)
+        masks = NeuronMasks(model, [torch.randperm(64, generator=generator) < 32 for _ in range(2)])
+        tensors = {}
+
+        def recording(stats, *args, tensors=tensors):
+            tensors[f"gram.{len(tensors)}"] = stats.gram.clone()
+            return solve(stats, *args)
+
+        module.refit = recording
+        try:
+            reconstruct(model, masks, calibration(), ReconstructConfig(mode, 1e-3, intercept=True))
+        finally:
+            module.refit = solve
+        tensors.update({f"weight.{i}": w for i, w in enumerate(masks.down_weight)})
+        tensors.update({f"bias.{i}": b for i, b in enumerate(masks.down_bias)})
+        if is_main():
+            (output / "reconstruct").mkdir(parents=True, exist_ok=True)
+            save_file(tensors, output / "reconstruct" / f"{mode}.safetensors")
 
 
 def refusals() -> dict[str, str]:
@@ -109,6 +140,7 @@ if __name__ == "__main__":
     for case in RECOVERY_CASES:
         recover(case, out, pruned, data, shard=True)
     recover_interrupted_and_resumed(out, pruned, data)
+    reconstruct_case(out)
     messages = refusals()
     if is_main():
         (out / "refusals.json").write_text(json.dumps(messages))

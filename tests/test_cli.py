@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from sdmprune.allocation import ALLOCATIONS
 from sdmprune.cli import main
+from sdmprune.criteria import CRITERIA
+from sdmprune.teachers import TEACHERS
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -40,13 +44,24 @@ def test_prune_eval_inspect(capsys, saved_model, text_file, tmp_path):
     assert info["pruning"]["export"]["layout"] == "uniform"
 
 
-def test_help_lists_every_command_and_criterion(capsys):
-    with pytest.raises(SystemExit):
-        main(["prune", "--help"])
-    out = capsys.readouterr().out
-    for word in ("--ratio", "--mlp-ratio", "--width-multiple", "magnitude", "random", "--overwrite", "sdmprune",
-                 "taylor", "wanda-sp", "flap", "--calib", "--resume", "--teacher", "--importance", "--steps"):
-        assert word in out
+def test_help_is_generated_from_the_configs_and_registries(capsys, monkeypatch):
+    """Every registered criterion and teacher, with its description and its options' defaults, appears in
+    `prune --help`; `--method nuteprune --help` shows that method's options instead."""
+    monkeypatch.setenv("COLUMNS", "2000")  # no line wrapping inside the descriptions
+    assert main(["prune", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for registry in (CRITERIA, TEACHERS, ALLOCATIONS):
+        for name in registry:
+            assert f"{name}: {' '.join(registry.description(name).split())}" in out
+            for f in fields(registry.get(name)):
+                assert "--" + f.name.replace("_", "-") in out
+    assert ("--cold-start COLD_START fraction of MLP width pruned by the cross-entropy cold start (default: 0.025)"
+            in out)
+    assert "--train-steps" not in out
+    assert main(["prune", "--method", "nuteprune", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--train-steps TRAIN_STEPS optimizer steps (default: 500)" in out and "--criterion" not in out
+    assert "--lora-dropout LORA_DROPOUT dropout on the LoRA input (default: 0.0)" in out  # nuteprune's own default
 
 
 def bad_inputs(tmp_path, saved_model, text_file):
@@ -117,3 +132,18 @@ def test_mlp_ratio_and_width_multiple(capsys, saved_model, tmp_path):
     assert code == 0
     record = json.loads((tmp_path / "o" / "pruning.json").read_text())
     assert record["widths"] == [40, 40]  # 64 * 0.7 = 44.8 -> 40
+
+
+def test_prune_offline_without_evaluation_data_skips_perplexity_with_a_note(capsys, saved_model, tmp_path,
+                                                                             monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("SDMPRUNE_DATA_DIR", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code, out, err = run(capsys, "prune", "--model", saved_model, "--criterion", "magnitude", "--output",
+                         tmp_path / "o")
+    assert code == 0 and "note: perplexity skipped" in err and "perplexity: not measured" in out
+    assert json.loads((tmp_path / "o" / "pruning.json").read_text())["evaluation"] == {}
+    # asked for explicitly, missing evaluation data is an error, before any work
+    code, _, err = run(capsys, "prune", "--model", saved_model, "--ppl-data", "wikitext2", "--output", tmp_path / "p")
+    assert code == 2 and "could not load 'wikitext2'" in err

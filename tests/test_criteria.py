@@ -8,12 +8,13 @@ from conftest import tiny_model
 
 from sdmprune import SdmpruneError, prune
 from sdmprune.criteria import CRITERIA, ScoringContext, compute_scores
+from sdmprune.criteria.magnitude import Magnitude
 from sdmprune.masks import NeuronMasks
 
 
 def test_magnitude_is_the_norm_of_the_neurons_weights():
     model = tiny_model("mistral")
-    scores = compute_scores("magnitude", ScoringContext(model, NeuronMasks(model), None))
+    scores = compute_scores(Magnitude(), ScoringContext(model, NeuronMasks(model), None))
     mlp = model.model.layers[1].mlp
     i = 7
     weights = torch.cat([mlp.gate_proj.weight[i], mlp.up_proj.weight[i], mlp.down_proj.weight[:, i]])
@@ -24,7 +25,7 @@ def test_magnitude_is_the_norm_of_the_neurons_weights():
 def test_pruned_neurons_score_minus_infinity():
     model = tiny_model("llama")
     result = prune(model, mlp_ratio=0.5, criterion="magnitude")
-    scores = compute_scores("magnitude", ScoringContext(model, result.masks, None))
+    scores = compute_scores(Magnitude(), ScoringContext(model, result.masks, None))
     assert torch.isinf(scores[0][~result.masks.keep[0]]).all()
     assert torch.isfinite(scores[0][result.masks.keep[0]]).all()
 

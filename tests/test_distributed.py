@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from test_finetune import EXAMPLES
 from transformers import AutoModelForCausalLM
 
+from sdmprune.checkpoint import STATE_JSON, STATE_TENSORS
 from sdmprune.cli import main
 from sdmprune.distributed import shard_windows
-from sdmprune.schedule import STATE_JSON, STATE_TENSORS
 
 TESTS = Path(__file__).parent
 
@@ -85,6 +85,18 @@ def test_two_processes_score_like_one(case, two_processes):
             torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7)
 
 
+def test_two_processes_reconstruct_like_one(two_processes):
+    """The per-layer Grams are the single-process ones up to fp64 summation order; so are the refits."""
+    single, multi = two_processes / "single", two_processes / "multi"
+    worker.reconstruct_case(single)
+    for mode in worker.RECONSTRUCT_MODES:
+        one, two = (load_file(d / "reconstruct" / f"{mode}.safetensors") for d in (single, multi))
+        assert one.keys() == two.keys() and len(one) == 6
+        for name in one:
+            tolerance = dict(rtol=1e-12, atol=0.0) if name.startswith("gram.") else dict(rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(two[name], one[name], **tolerance, msg=f"{mode}: {name}")
+
+
 def test_fsdp_refuses_what_it_cannot_do_exactly(two_processes):
     refusals = json.loads((two_processes / "multi" / "refusals.json").read_text())
     assert "drop --fsdp" in refusals["weight"] and "activation-wanda" in refusals["weight"]
@@ -141,7 +153,7 @@ def test_fsdp_cli_run_killed_and_resumed_exports_the_single_process_model(saved_
     process = torchrun(str(script), *prune_args(saved_model, text_file, sharded), "--fsdp")
     assert process.returncode != 0
     state = json.loads((sharded / STATE_JSON).read_text())
-    assert state["steps_done"] == 2 and not (sharded / "pruning.json").exists()
+    assert state["progress"]["steps_done"] == 2 and not (sharded / "pruning.json").exists()
 
     process = torchrun("-m", "sdmprune.cli", *prune_args(saved_model, text_file, sharded), "--fsdp", "--resume")
     assert process.returncode == 0, process.stderr[-3000:]

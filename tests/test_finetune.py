@@ -14,15 +14,16 @@ from conftest import byte_tokenizer, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from sdmprune import finetune
 from sdmprune.cli import main
 from sdmprune.errors import SdmpruneError
 from sdmprune.evaluation.perplexity import perplexity
 from sdmprune.models import load_model
-from sdmprune.recovery import finetune, format_prompt, load_adapter, load_instructions, tokenize_example
+from sdmprune.recovery import format_prompt, load_adapter, load_instructions, tokenize_example
 from sdmprune.recovery.data import IGNORE_INDEX, PROMPT_NO_INPUT, collate, tokenize_dataset
 from sdmprune.recovery.finetune import recovery_loss_sums
 
-finetune_module = importlib.import_module("sdmprune.recovery.finetune")  # the package exports a same-named function
+finetune_module = importlib.import_module("sdmprune.recovery.finetune")
 
 EXAMPLES = [
     {"instruction": "Say hi.", "input": "", "output": "Hi there!"},
@@ -104,7 +105,7 @@ def test_finetune_lowers_the_loss_and_merges(models, data_file, tmp_path):
     assert len(log) == record["steps"] == 12
     assert sum(e["loss"] for e in log[-3:]) / 3 < log[0]["loss"] - 0.5
     assert log[-1]["target_tokens"] > 0 and log[-1]["tokens"] > log[-1]["target_tokens"]
-    assert (out / "loss.png").stat().st_size > 0 and not (out / "checkpoint").exists()
+    assert (out / "loss.png").stat().st_size > 0 and not (out / "run_state.json").exists()
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
 
     # The merged directory loads with plain transformers and computes what base + adapter computes.
@@ -132,19 +133,19 @@ def test_resume_reproduces_the_uninterrupted_run(models, data_file, tmp_path, mo
     settings = dict(data=str(data_file), max_steps=5, save_every=2, **FAST)
     finetune(str(pruned), tmp_path / "straight", **settings)
 
-    save = finetune_module._save_checkpoint
+    save = finetune_module.save_training_state
 
-    def save_then_crash(directory, *args, **kwargs):
-        save(directory, *args, **kwargs)
-        if args[3] == 4:  # the step just saved
+    def save_then_crash(checkpoint, *args, **kwargs):
+        save(checkpoint, *args, **kwargs)
+        if args[4] == 4:  # the step just saved
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune_module, "_save_checkpoint", save_then_crash)
+    monkeypatch.setattr(finetune_module, "save_training_state", save_then_crash)
     interrupted = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         finetune(str(pruned), interrupted, **settings)
-    assert json.loads((interrupted / "checkpoint" / "state.json").read_text())["step"] == 4
-    monkeypatch.setattr(finetune_module, "_save_checkpoint", save)
+    assert json.loads((interrupted / "run_state.json").read_text())["progress"]["step"] == 4
+    monkeypatch.setattr(finetune_module, "save_training_state", save)
     with pytest.raises(SdmpruneError, match="interrupted run: pass --resume"):
         finetune(str(pruned), interrupted, **settings)
     with pytest.raises(SdmpruneError, match="settings differ"):

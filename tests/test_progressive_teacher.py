@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 import sdmprune.schedule as schedule
 from sdmprune import SdmpruneError, prune
+from sdmprune.checkpoint import STATE_TENSORS
 from sdmprune.masks import NeuronMasks
-from sdmprune.teacher import ProgressiveTeacher
+from sdmprune.teachers.progressive import Progressive as ProgressiveTeacher
 
 CALIBRATION = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
 SETTINGS = dict(criterion="sdmprune", importance="weight", mlp_ratio=0.5, steps=3, cold_start=0.1,
@@ -20,7 +21,7 @@ SETTINGS = dict(criterion="sdmprune", importance="weight", mlp_ratio=0.5, steps=
 
 def history(state_dir) -> list[list[torch.Tensor]]:
     """The masks every step started from, as saved in the run state."""
-    tensors = load_file(state_dir / schedule.STATE_TENSORS)
+    tensors = load_file(state_dir / STATE_TENSORS)
     steps = 1 + max(int(name.split(".")[1]) for name in tensors if name.startswith("history."))
     return [[tensors[f"history.{j}.{i}"].bool() for i in range(2)] for j in range(steps)]
 
@@ -32,7 +33,7 @@ def test_teacher_of_step_k_is_the_model_with_the_masks_of_step_k_minus_lag(tmp_p
 
     def recording(self, ids):
         logits = original(self, ids)
-        calls.append((len(self.history), ids.clone(), logits))
+        calls.append((len(self.run.history), ids.clone(), logits))
         return logits
 
     monkeypatch.setattr(ProgressiveTeacher, "logits", recording)

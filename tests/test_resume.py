@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import sigkill_at_loss_script
 
+from sdmprune.checkpoint import STATE_JSON, Checkpoint
 from sdmprune.cli import main
-from sdmprune.schedule import STATE_JSON
 
 # Kill the process at the 10th loss evaluation: 4 windows of cold start and 4 per distillation step,
 # so the cold start and the first of three distillation steps are saved and the second is half done.
@@ -40,7 +40,8 @@ def test_same_command_same_neurons_and_kill_resume_matches(saved_model, text_fil
                              capture_output=True, text=True, timeout=300)
     assert process.returncode == -signal.SIGKILL, process.stderr
     state = json.loads((killed / STATE_JSON).read_text())
-    assert state["steps_done"] == 2 and [s["stage"] for s in state["log"]] == ["cold-start", "prune"]
+    progress = state["progress"]
+    assert progress["steps_done"] == 2 and [s["stage"] for s in progress["log"]] == ["cold-start", "prune"]
     assert not (killed / "pruning.json").exists()
 
     capsys.readouterr()
@@ -57,14 +58,13 @@ def test_resume_refuses_other_settings_and_missing_state(saved_model, text_file,
     output = tmp_path / "out"
     assert main([*prune_args(saved_model, text_file, output), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
-    from sdmprune.schedule import RunState
-
     # an interrupted run's state recorded with other settings
     output.mkdir()
-    (output / STATE_JSON).write_text(json.dumps({"config": {"criterion": "taylor"}, "steps_done": 1, "log": []}))
+    (output / STATE_JSON).write_text(json.dumps({"settings": {"criterion": "taylor"},
+                                                 "progress": {"steps_done": 1, "log": []}}))
     assert main([*prune_args(saved_model, text_file, output), "--resume"]) == 2
     assert "settings differ" in capsys.readouterr().err
-    assert RunState(output).exists()
+    assert Checkpoint(output).exists()
 
 
 @pytest.mark.parametrize(("criterion", "options"), [
@@ -77,6 +77,8 @@ def test_every_calibration_criterion_from_the_cli(criterion, options, saved_mode
     output = tmp_path / criterion
     args = prune_args(saved_model, text_file, output)
     args[args.index("sdmprune")] = criterion
+    if criterion != "sdmprune":  # --cold-start is an option of sdmprune only
+        del args[args.index("--cold-start"):args.index("--cold-start") + 2]
     assert main([*args, *options]) == 0
     record = json.loads((output / "pruning.json").read_text())
     assert record["method"] == criterion and record["calibration"]["tokens"] == 4 * 32

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from sdmprune import PruneConfig, count_parameters, prune
-from sdmprune.allocation import standardise
-from sdmprune.criteria import ScoringContext, compute_scores
+from sdmprune import count_parameters, prune
+from sdmprune.allocation import kept_budget, standardise
+from sdmprune.criteria import CRITERIA, ScoringContext, compute_scores
+from sdmprune.criteria.sdmprune import OFFICIAL_DISTILLATION, SDMPrune
 from sdmprune.masks import NeuronMasks
-from sdmprune.schedule import OFFICIAL_DISTILLATION, plan_steps
 
 
 def calibration() -> torch.Tensor:
@@ -28,8 +28,9 @@ def test_layer_range_keeps_the_first_and_last_layers_dense():
 
 def test_global_allocation_keeps_the_best_standardised_scores_anywhere():
     model = tiny_model("llama", num_hidden_layers=4)
-    scores = compute_scores("wanda-sp", ScoringContext(model, NeuronMasks(model), calibration()))
-    NeuronMasks(model).remove()
+    masks = NeuronMasks(model)
+    scores = compute_scores(CRITERIA.get("wanda-sp")(), ScoringContext(model, masks, calibration()))
+    masks.remove()
     result = prune(model, mlp_ratio=0.5, criterion="wanda-sp", allocation="global", calibration=calibration())
     widths = result.masks.widths
     assert sum(widths) == 128 and len(set(widths)) > 1  # 4 layers x 64 x 0.5, unevenly spread
@@ -49,10 +50,10 @@ def test_steps_prune_progressively_to_the_target():
 def test_sdmprune_plan_cold_start_then_distillation_with_official_settings(ratio, official):
     model = tiny_model("llama", intermediate_size=256)
     count = count_parameters(model)
-    config = PruneConfig(criterion="sdmprune", ratio=ratio, steps=2)
-    steps = plan_steps(config, count)
+    target = kept_budget(count, ratio=ratio)
+    steps = SDMPrune().plan(count, target, 2)
     assert [s.stage for s in steps] == ["cold-start", "prune", "prune"]
-    assert steps[0].budget == pytest.approx(2 * 256 * 0.975) and steps[0].alpha == 0.0
-    assert (steps[1].alpha, steps[1].temperature) == OFFICIAL_DISTILLATION[official]
-    overridden = plan_steps(PruneConfig(criterion="sdmprune", ratio=ratio, alpha=0.9, temperature=2.0), count)
-    assert (overridden[-1].alpha, overridden[-1].temperature) == (0.9, 2.0)
+    assert steps[0].budget == pytest.approx(2 * 256 * 0.975) and steps[0].settings["alpha"] == 0.0
+    assert (steps[1].settings["alpha"], steps[1].settings["temperature"]) == OFFICIAL_DISTILLATION[official]
+    overridden = SDMPrune(alpha=0.9, temperature=2.0).plan(count, target, 1)
+    assert (overridden[-1].settings["alpha"], overridden[-1].settings["temperature"]) == (0.9, 2.0)

@@ -10,10 +10,11 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from sdmprune import SdmpruneError, export_pruned, prune
-from sdmprune.criteria import ScoringContext, compute_scores
+from sdmprune.criteria import CRITERIA, ScoringContext, Step, compute_scores
+from sdmprune.criteria.sdmprune import SDMPrune
 from sdmprune.losses import distillation_kl, self_distillation_loss
 from sdmprune.masks import NeuronMasks
-from sdmprune.teacher import CopyTeacher, MasksOffTeacher
+from sdmprune.teachers import TEACHERS, RunView, Teacher
 
 N_WINDOWS, SEQ = 3, 12
 
@@ -56,6 +57,22 @@ def hand_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return total / count
 
 
+
+def attached(kind: str, model, masks=None) -> Teacher:
+    """Teacher `kind` attached to `model`, seeing `masks`."""
+    teacher = TEACHERS.get(kind)()
+    teacher.attach(model, RunView(masks))
+    return teacher
+
+
+def distillation_scores(model, masks, ids, importance: str) -> list[torch.Tensor]:
+    """SDMPrune scores with the masks-off teacher, α = 0.4, T = 0.5."""
+    criterion = SDMPrune(importance=importance)
+    criterion.teacher.attach(model, RunView(masks))
+    step = Step("prune", 0.0, {"alpha": 0.4, "temperature": 0.5})
+    return compute_scores(criterion, ScoringContext(model, masks, ids), step)
+
+
 def test_distillation_loss_is_its_definition():
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
@@ -78,14 +95,14 @@ def test_masks_off_teacher_is_exactly_the_dense_model():
     masks = half_masks(model)
     with torch.no_grad():
         assert not torch.equal(model(input_ids=ids).logits, dense)
-    assert torch.equal(MasksOffTeacher(model, masks).logits(ids), dense)
+    assert torch.equal(attached("masks-off", model, masks).logits(ids), dense)
     assert masks.enabled  # and the masks are back on afterwards
 
 
 def test_taylor_is_llm_pruners_batched_gradient_by_hand():
     model, ids = tiny_model("llama"), calibration()
     masks = NeuronMasks(model)
-    scores = compute_scores("taylor", ScoringContext(model, masks, ids))
+    scores = compute_scores(CRITERIA.get("taylor")(), ScoringContext(model, masks, ids))
     weights = [p for mlp in mlps(model) for p in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)]
     logits = model(input_ids=ids).logits
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -112,8 +129,7 @@ def test_sdmprune_importance_by_hand():
     model, ids = tiny_model("mistral"), calibration()
     dense_copy = tiny_model("mistral")  # same seed: the dense teacher, built independently
     masks = half_masks(model)
-    context = ScoringContext(model, masks, ids, teacher=MasksOffTeacher(model, masks), alpha=0.4, temperature=0.5)
-    scores = compute_scores("sdmprune", context)
+    scores = distillation_scores(model, masks, ids, "weight")
     expected = [torch.zeros(64) for _ in range(2)]
     for loss in per_window_losses(model, dense_copy, ids, 0.4, 0.5):
         for layer, mlp in enumerate(mlps(model)):
@@ -131,9 +147,7 @@ def test_sdmprune_importance_by_hand():
 def test_activation_importance_by_hand(importance):
     model, ids = tiny_model("qwen2"), calibration()
     masks = half_masks(model)
-    context = ScoringContext(model, masks, ids, teacher=MasksOffTeacher(model, masks), alpha=0.4, temperature=0.5,
-                             importance=importance)
-    scores = compute_scores("sdmprune", context)
+    scores = distillation_scores(model, masks, ids, importance)
     dense_copy = tiny_model("qwen2")
     first, second, squares = ([torch.zeros(64) for _ in range(2)] for _ in range(3))
     captured = []
@@ -160,7 +174,7 @@ def test_activation_importance_by_hand(importance):
 def test_wanda_sp_by_hand():
     model, ids = tiny_model("llama"), calibration()
     masks = NeuronMasks(model)
-    scores = compute_scores("wanda-sp", ScoringContext(model, masks, ids))
+    scores = compute_scores(CRITERIA.get("wanda-sp")(), ScoringContext(model, masks, ids))
     for layer, (x, mlp) in enumerate(zip(down_inputs(model, ids), mlps(model), strict=True)):
         expected = mlp.down_proj.weight.abs().mean(0) * x.norm(dim=0)
         torch.testing.assert_close(scores[layer], expected.detach(), rtol=1e-5, atol=1e-9)
@@ -170,7 +184,7 @@ def test_flap_fluctuation_and_compensation_by_hand():
     model, ids = tiny_model("llama"), calibration()
     masks = half_masks(model)
     context = ScoringContext(model, masks, ids)
-    scores = compute_scores("flap", context)
+    scores = compute_scores(CRITERIA.get("flap")(), context)
     masked_inputs = down_inputs(model, ids)
     for layer, (x, mlp) in enumerate(zip(masked_inputs, mlps(model), strict=True)):
         expected = x.var(dim=0) * mlp.down_proj.weight.pow(2).sum(0)
@@ -235,7 +249,8 @@ def test_copy_teacher_gives_the_same_masks_as_the_masks_off_teacher():
     assert runs["copy"].masks.kept_indices() == runs["masks-off"].masks.kept_indices()
     assert runs["copy"].report["steps"][1]["alpha"] > 0  # the distillation stage really used the teacher
     model = tiny_model("llama")
-    assert torch.equal(CopyTeacher(model).logits(ids), MasksOffTeacher(model, NeuronMasks(model)).logits(ids))
+    dense = attached("masks-off", model, NeuronMasks(model)).logits(ids)
+    assert torch.equal(attached("copy", model).logits(ids), dense)
 
 
 def test_non_finite_loss_stops_the_run():

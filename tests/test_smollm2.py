@@ -58,3 +58,34 @@ def test_prune_20_percent_exports_a_plain_model(tmp_path, data_dir, capsys):
     one_multiple = width_multiple * 3 * 576 * 30 / 134_515_008
     assert 0.2 <= 1 - params / 134_515_008 < 0.2 + one_multiple
     assert model.config.intermediate_size % width_multiple == 0
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("empty", "has no text"),
+    ("binary", "is not UTF-8 text"),
+    ("too-long", "longer than the model's context"),
+    ("missing", "not found"),
+    ("too-short", "no calibration document has"),
+])
+def test_bad_calibration_fails_in_seconds_before_any_model_pass(case, message, tmp_path, data_dir, capsys,
+                                                               monkeypatch):
+    """Each bad --calib exits 2 with one line, before the dense perplexity pass (which alone takes ~30 s)."""
+    load_model("smollm2-135m", device="cpu")  # the conversion (first run only) is not what is timed
+    calib = {"empty": tmp_path / "empty.txt", "binary": tmp_path / "weights.txt", "too-long": tmp_path / "ok.txt",
+             "missing": tmp_path / "nope.txt", "too-short": tmp_path / "short.txt"}[case]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "weights.txt").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "ok.txt").write_text("Some text. " * 200)
+    (tmp_path / "short.txt").write_text("A few words only.")
+    seq_len = "100000" if case == "too-long" else "256"
+    import sdmprune.recipes.steps as steps
+
+    monkeypatch.setattr(steps, "perplexity", lambda *a, **k: pytest.fail("perplexity ran before the check"))
+    start = time.perf_counter()
+    code = main(["prune", "--ratio", "0.2", "--calib", str(calib), "--calib-seq-len", seq_len, "--ppl-data",
+                 "wikitext2", "--data-dir", str(data_dir), "--output", str(tmp_path / "out")])
+    seconds = time.perf_counter() - start
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert seconds < 10, f"{case}: {seconds:.1f} s"
+    assert not (tmp_path / "out").exists()

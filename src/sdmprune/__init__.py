@@ -1,4 +1,8 @@
-"""sdmprune: structured MLP pruning of causal LMs guided by self-distillation."""
+"""sdmprune: structured pruning of causal LMs guided by self-distillation.
+
+The Python API is the recipes (`sdmprune.recipes`: prune, nuteprune, finetune, evaluate — each
+`run(Config.of(**options))`, the same path as the command line) and the stages they compose.
+"""
 
 from ._version import __version__
 from .errors import SdmpruneError
@@ -8,7 +12,8 @@ from .masks import NeuronMasks, count_parameters
 from .models import load_model, load_pruned
 from .nuteprune import NutePruneConfig, NutePruneResult, nuteprune
 from .pruning import PruneConfig, PruneResult, prune
-from .recovery import FinetuneConfig, finetune
+from .recipes.finetune import finetune
+from .recovery import FinetuneConfig
 
 __all__ = [
     "__version__",

@@ -9,26 +9,25 @@ of kept neurons over all layers; an allocation spreads it over layers:
 - `layer-range`: the first L/8 and last L/16 layers stay dense, the others share the budget
   uniformly (LLM-Pruner's default keeps layers 0-3 and the last 2 of 32).
 
-Widths are rounded down to a multiple of `width_multiple`, so the achieved ratio is at least the
-requested one.
+Each allocation is a registered class (`@ALLOCATIONS.register`). Widths are rounded down to a multiple
+of `width_multiple`, so the achieved ratio is at least the requested one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from .config import check_ratio
 from .errors import SdmpruneError
 from .masks import ParameterCount
+from .options import Named, Registry
 
-ALLOCATIONS = ("uniform", "global", "layer-range")
-
-
-def check_ratio(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise SdmpruneError(f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
+ALLOCATIONS = Registry("allocation")
 
 
 def _round_down(width: float, multiple: int) -> int:
@@ -62,24 +61,19 @@ def _unreachable(count: ParameterCount, width_multiple: int) -> SdmpruneError:
     )
 
 
-def allocate_widths(
-    count: ParameterCount,
-    budget: float,
-    *,
-    allocation: str = "uniform",
-    width_multiple: int = 1,
-    scores: Sequence[torch.Tensor] | None = None,
-) -> list[int]:
-    """Kept width per layer for a budget of kept neurons (`scores` needed for `global`)."""
-    if width_multiple < 1:
-        raise SdmpruneError(f"--width-multiple must be a positive integer, got {width_multiple}")
-    if allocation not in ALLOCATIONS:
-        raise SdmpruneError(f"unknown allocation '{allocation}': choose {', '.join(ALLOCATIONS)}")
-    n_layers = len(count.widths)
-    if allocation == "global":
-        return _global_widths(count, budget, width_multiple, scores)
-    dense = dense_layers(n_layers) if allocation == "layer-range" else [False] * n_layers
-    pruned = n_layers - sum(dense)
+class Allocation(Named):
+    """Base class: kept width per layer for a budget of kept neurons over all layers."""
+
+    needs_scores: ClassVar[bool] = False
+
+    def widths(self, count: ParameterCount, budget: float, width_multiple: int,
+               scores: Sequence[torch.Tensor] | None) -> list[int]:
+        raise NotImplementedError
+
+
+def _shared_width(count: ParameterCount, budget: float, width_multiple: int, dense: list[bool]) -> list[int]:
+    """Layers marked `dense` keep their width; the others share the rest of the budget equally."""
+    pruned = len(dense) - sum(dense)
     if pruned == 0:
         raise SdmpruneError("layer-range leaves every layer dense for a model this shallow: use another allocation")
     dense_width = sum(w for w, d in zip(count.widths, dense, strict=True) if d)
@@ -87,6 +81,42 @@ def allocate_widths(
     if width < max(width_multiple, 1):
         raise _unreachable(count, width_multiple)
     return [w if d else min(width, w) for w, d in zip(count.widths, dense, strict=True)]
+
+
+@ALLOCATIONS.register("uniform")
+@dataclass
+class Uniform(Allocation):
+    """same width in every layer (the paper)"""
+
+    def widths(self, count, budget, width_multiple, scores=None):
+        return _shared_width(count, budget, width_multiple, [False] * len(count.widths))
+
+
+@ALLOCATIONS.register("layer-range")
+@dataclass
+class LayerRange(Allocation):
+    """first L/8 and last L/16 layers dense, the others uniform (LLM-Pruner)"""
+
+    def widths(self, count, budget, width_multiple, scores=None):
+        return _shared_width(count, budget, width_multiple, dense_layers(len(count.widths)))
+
+
+def allocate_widths(
+    count: ParameterCount,
+    budget: float,
+    *,
+    allocation: str | Allocation = "uniform",
+    width_multiple: int = 1,
+    scores: Sequence[torch.Tensor] | None = None,
+) -> list[int]:
+    """Kept width per layer for a budget of kept neurons (`scores` needed for `global`)."""
+    if width_multiple < 1:
+        raise SdmpruneError(f"--width-multiple must be a positive integer, got {width_multiple}")
+    if isinstance(allocation, str):
+        allocation = ALLOCATIONS.get(allocation)()
+    if allocation.needs_scores and scores is None:
+        raise SdmpruneError(f"{allocation.name} allocation ranks neurons by score: it needs a criterion's scores")
+    return allocation.widths(count, budget, width_multiple, scores)
 
 
 def standardise(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -99,11 +129,19 @@ def standardise(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return result
 
 
-def _global_widths(
-    count: ParameterCount, budget: float, width_multiple: int, scores: Sequence[torch.Tensor] | None
-) -> list[int]:
-    if scores is None:
-        raise SdmpruneError("global allocation ranks neurons by score: it needs a criterion's scores")
+@ALLOCATIONS.register("global")
+@dataclass
+class Global(Allocation):
+    """rank standardised scores across layers (FLAP); widths differ per layer"""
+
+    needs_scores = True
+
+    def widths(self, count, budget, width_multiple, scores=None):
+        return _global_widths(count, budget, width_multiple, scores)
+
+
+def _global_widths(count: ParameterCount, budget: float, width_multiple: int, scores: Sequence[torch.Tensor]
+                   ) -> list[int]:
     minimum = max(width_multiple, 1)
     total = math.floor(budget + 1e-9)
     if total < minimum * len(scores):

@@ -1,5 +1,4 @@
-"""Atomic outputs: files and directories written under a temporary name, renamed into place at the end;
-optimizer state as safetensors + JSON (resumable runs write no pickles)."""
+"""Atomic outputs: files and directories written under a temporary name, renamed into place at the end."""
 
 from __future__ import annotations
 
@@ -9,8 +8,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 from .errors import SdmpruneError
 
@@ -55,31 +52,3 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
-
-
-def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as safetensors tensors (`<param index>.<key>`) plus JSON (param groups, non-tensors).
-
-    State sharded by FSDP is gathered whole (a collective: then call it on every process)."""
-    from .distributed import gathered  # imported here: distributed depends on modules that import this one
-
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = gathered(value).detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """The inverse of `flatten_optimizer`: a state dict for `optimizer.load_state_dict`."""
-    state: dict[int, dict] = {}
-    for name, value in [*tensors.items(), *meta["scalars"].items()]:
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
-              for group in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}

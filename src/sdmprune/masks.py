@@ -2,8 +2,10 @@
 
 A neuron i of layer l is row i of W_gate and W_up and column i of W_down. Zeroing the input of
 down_proj at i is exactly removing the neuron, so a mask is a forward pre-hook on down_proj. An
-optional per-layer bias (FLAP's compensation for the removed neurons' mean output) is added to
-down_proj's output by a forward hook, and switched off with the masks.
+optional per-layer bias (FLAP's compensation for the removed neurons' mean output, or the intercept of a
+reconstruction) is added to down_proj's output by a forward hook, and an optional per-layer weight (the
+kept weights refitted by `sdmprune.reconstruct`) replaces down_proj's weight there; both are switched off
+with the masks, so the model's own weights always stay the dense ones.
 
 An attention *group* is one key/value head with the G query heads that share it (GQA; G = 1 without
 it). Zeroing the o_proj input of the group's G query heads removes the group: its k/v rows and q rows
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .models.architectures import Architecture, attention_group_shape, get_architecture
@@ -77,8 +80,9 @@ class NeuronMasks(ChannelMasks):
     """Per-layer boolean keep-masks (True = keep) over MLP neurons, attached to a model.
 
     `keep[l]` has shape (I_l,), I_l the current width of layer l. While `enabled`, each down_proj
-    sees its input multiplied by the mask; `disabled()` turns every mask off, so the same model
-    serves as its own dense teacher.
+    sees its input multiplied by the mask, and computes its output with `down_weight[l]` ((H, I_l), the
+    reconstruction's refit) in place of its own weight when one is set, plus `down_bias[l]` ((H,)) when
+    one is set; `disabled()` turns all of it off, so the same model serves as its own dense teacher.
     """
 
     def __init__(self, model: nn.Module, keep: Sequence[torch.Tensor] | None = None):
@@ -89,16 +93,20 @@ class NeuronMasks(ChannelMasks):
             keep = [torch.ones(down.in_features, dtype=torch.bool) for down in downs]
         super().__init__(downs, [mask.bool() for mask in keep])
         self.down_bias: list[torch.Tensor | None] = [None] * len(downs)  # (H,) each, or None
-        self._handles += [down.register_forward_hook(self._bias_hook(layer)) for layer, down in enumerate(downs)]
+        # (H, I_l) each (removed columns zero), or None: down_proj's weight while the masks are on
+        self.down_weight: list[torch.Tensor | None] = [None] * len(downs)
+        self._handles += [down.register_forward_hook(self._output_hook(layer)) for layer, down in enumerate(downs)]
 
-    def _bias_hook(self, layer: int):
-        def add(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
-            bias = self.down_bias[layer]
-            if not self.enabled or bias is None:
+    def _output_hook(self, layer: int):
+        def replace(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
+            weight, bias = self.down_weight[layer], self.down_bias[layer]
+            if not self.enabled or (weight is None and bias is None):
                 return None
-            return output + bias.to(output.dtype)
+            if weight is not None:  # args: the masked input; the dense product is discarded
+                output = F.linear(args[0], weight, module.bias)
+            return output if bias is None else output + bias.to(output.dtype)
 
-        return add
+        return replace
 
     def update(self, keep: Sequence[torch.Tensor]) -> None:
         """Replace the masks (e.g. after another pruning step); shapes must match."""

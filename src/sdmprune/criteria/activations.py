@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_sum, gathered, inference_context, is_main, world_size
 from ..runtime import autocast_context
-from . import ScoringContext
+from .registry import ScoringContext
 
 
 @dataclass

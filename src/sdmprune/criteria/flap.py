@@ -12,19 +12,26 @@ The export stores that bias with the config's `mlp_bias` (zero gate/up biases).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..distributed import gathered
-from . import ScoringContext, register_criterion
 from .activations import collect_activation_stats
+from .registry import CRITERIA, Criterion, ScoringContext, Step
 
 
-@register_criterion("flap", needs_calibration=True, bias_compensation=True)
-def flap(context: ScoringContext) -> list[torch.Tensor]:
-    """FLAP fluctuation: variance of the neuron's output over tokens × ‖W_down[:, i]‖², plus bias compensation."""
-    stats = collect_activation_stats(context)
-    architecture = context.masks.architecture
-    return [
-        stats.variance(layer) * gathered(architecture.projections(mlp)[2].weight).detach().float().pow(2).sum(0)
-        for layer, mlp in enumerate(architecture.mlps(context.model))
-    ]
+@CRITERIA.register("flap")
+@dataclass
+class Flap(Criterion):
+    """FLAP fluctuation: variance of the neuron's output over tokens × ‖W_down[:, i]‖², plus bias compensation"""
+
+    compensates_bias = True
+
+    def score(self, context: ScoringContext, step: Step) -> list[torch.Tensor]:
+        stats = collect_activation_stats(context)
+        architecture = context.masks.architecture
+        return [
+            stats.variance(layer) * gathered(architecture.projections(mlp)[2].weight).detach().float().pow(2).sum(0)
+            for layer, mlp in enumerate(architecture.mlps(context.model))
+        ]

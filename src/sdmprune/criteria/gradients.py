@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,7 +14,8 @@ from ..distributed import is_main
 from ..errors import SdmpruneError
 from ..losses import self_distillation_loss
 from ..runtime import autocast_context
-from . import ScoringContext
+from ..teachers import Teacher
+from .registry import ScoringContext
 
 MLPWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # W_gate (I, H), W_up (I, H), W_down (H, I)
 
@@ -44,8 +46,20 @@ def gradients_on_mlp_only(model: nn.Module, weights: list[MLPWeights]) -> Iterat
             param.grad = None
 
 
-def loss_backward_passes(context: ScoringContext, description: str) -> Iterator[int]:
-    """For each micro-batch of this process's calibration windows: forward, self-distillation loss, backward.
+@dataclass(frozen=True)
+class Distillation:
+    """The self-distillation term of the loss: `(1-α)·CE + α·KL(softmax(z_t/T) || softmax(z_s))`."""
+
+    teacher: Teacher
+    alpha: float
+    temperature: float
+
+
+def loss_backward_passes(
+    context: ScoringContext, description: str, distillation: Distillation | None = None
+) -> Iterator[int]:
+    """For each micro-batch of this process's calibration windows: forward, loss (cross-entropy, or the
+    self-distillation loss with `distillation`), backward.
 
     Yields the micro-batch's window count after its backward, with the gradients in `.grad`
     (accumulated across micro-batches unless the caller clears them). Stops on a non-finite loss.
@@ -55,9 +69,11 @@ def loss_backward_passes(context: ScoringContext, description: str) -> Iterator[
     for batch in tqdm(context.micro_batches(), desc=description, unit="batch", leave=False, disable=not is_main()):
         ids = batch.ids.to(device)
         with autocast_context(device, context.bf16):
-            teacher_logits = context.teacher.logits(ids) if context.alpha > 0 else None
+            alpha = distillation.alpha if distillation is not None else 0.0
+            teacher_logits = distillation.teacher.logits(ids) if alpha > 0 else None
             logits = context.model(input_ids=ids, use_cache=False).logits
-        loss = self_distillation_loss(logits, teacher_logits, ids, context.alpha, context.temperature)
+        temperature = distillation.temperature if distillation is not None else 1.0
+        loss = self_distillation_loss(logits, teacher_logits, ids, alpha, temperature)
         if not torch.isfinite(loss):
             raise SdmpruneError(
                 f"{description}: the loss is not finite ({loss.item()}); the model or calibration data produce "
@@ -71,7 +87,7 @@ def loss_backward_passes(context: ScoringContext, description: str) -> Iterator[
 
 
 def activation_gradient_passes(
-    context: ScoringContext, description: str
+    context: ScoringContext, description: str, distillation: Distillation | None = None
 ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Per micro-batch, per layer: the down_proj input `a` and `∂L/∂a`, both (tokens, I).
 
@@ -99,7 +115,7 @@ def activation_gradient_passes(
     handles.append(model.get_input_embeddings().register_forward_hook(embeddings_require_grad))
     try:
         with gradients_on_mlp_only(model, []):
-            for _ in loss_backward_passes(context, description):
+            for _ in loss_backward_passes(context, description, distillation):
                 yield [(a.detach().flatten(0, -2), a.grad.flatten(0, -2)) for a in captured]
     finally:
         for handle in handles:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from . import ScoringContext, register_criterion
+from .registry import CRITERIA, Criterion, ScoringContext, Step
 
 
-@register_criterion("random", needs_calibration=False)
-def random_scores(context: ScoringContext) -> list[torch.Tensor]:
-    """Uniform random scores from a generator seeded with --seed."""
-    generator = torch.Generator().manual_seed(context.seed)
-    return [torch.rand(mask.numel(), generator=generator) for mask in context.masks.keep]
+@CRITERIA.register("random")
+@dataclass
+class Random(Criterion):
+    """uniform random scores from a generator seeded with --seed"""
+
+    needs_calibration = False
+
+    def score(self, context: ScoringContext, step: Step) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(context.seed)
+        return [torch.rand(mask.numel(), generator=generator) for mask in context.masks.keep]

@@ -31,7 +31,11 @@ SELF_BATCH = 16  # sequences generated together; fixed, so the random stream (an
 
 
 def _file_documents(path: Path) -> list[str]:
-    return read_jsonl(path) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8")]
+    try:
+        return read_jsonl(path) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as error:
+        raise SdmpruneError(f"calibration file {path} is not UTF-8 text (byte {error.start}): give .txt/.jsonl "
+                            "files of text") from error
 
 
 def load_documents(spec: str, data_directory: str | Path | None = None) -> list[str]:

@@ -85,6 +85,21 @@ CALIBRATION_DATASETS = {
 }
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (offline mode or no network: False, within `timeout` s)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def data_dir(explicit: str | Path | None = None) -> Path | None:
     value = explicit or os.environ.get("SDMPRUNE_DATA_DIR")
     return Path(value).expanduser() if value else None

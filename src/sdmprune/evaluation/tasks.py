@@ -27,7 +27,7 @@ import torch
 from ..data.text import data_dir as local_data_dir
 from ..errors import SdmpruneError
 from ..io import atomic_file
-from .perplexity import context_length
+from ..runtime import context_length
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 

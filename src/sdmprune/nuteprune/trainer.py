@@ -19,81 +19,69 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import Checkpoint, flatten_optimizer, prefixed, restore_rng, rng_tensors, unflatten_optimizer
+from ..config import LoraOptions, RuntimeOptions, TargetOptions, TrainingOptions
+from ..data.order import example_at
 from ..errors import SdmpruneError
-from ..io import atomic_file, flatten_optimizer, unflatten_optimizer
+from ..lora import attach_lora
 from ..losses import hidden_state_mse, soft_target_kl
 from ..masks import HeadMasks, NeuronMasks, count_parameters
-from ..options import described
+from ..options import build, described, to_dict, validate
 from ..runtime import autocast_context
-from ..schedule import STATE_JSON
 from .gates import HardConcreteGates, StructureMasks
 from .lagrangian import Lagrangian, sparsity_target
 from .teachers import NumerousTeachers, Snapshot, layer_outputs, teacher_level
 
-STATE_TENSORS = "nuteprune_state.safetensors"
 LOG_JSON, PLOT = "nuteprune_log.json", "nuteprune.png"
 
 
 @dataclass
 class NutePruneConfig:
-    """Settings of a NutePrune run; each field's help is the CLI's help (`--field-name`)."""
+    """nuteprune"""
 
-    ratio: float = field(default=0.2, metadata=described(
-        "fraction of TOTAL parameters to remove, from attention groups and MLP neurons"))
-    train_steps: int = field(default=500, metadata=described("nuteprune: optimizer steps"))
-    train_batch_size: int = field(default=1, metadata=described("nuteprune: calibration windows per step"))
+    target: TargetOptions = field(default_factory=TargetOptions)
+    train_steps: int = field(default=500, metadata=described("optimizer steps"))
+    train_batch_size: int = field(default=1, metadata=described("calibration windows per step"))
     sparsity_warmup: float = field(default=0.7, metadata=described(
-        "nuteprune: fraction of the steps over which the sparsity target ramps linearly from 0 to the ratio"))
-    lr: float = field(default=2e-4, metadata=described("nuteprune: LoRA learning rate (AdamW, constant)"))
-    gate_lr: float = field(default=0.3, metadata=described("nuteprune: learning rate of the gates' log α (Adam)"))
+        "fraction of the steps over which the sparsity target ramps linearly from 0 to the ratio"))
+    gate_lr: float = field(default=0.3, metadata=described("learning rate of the gates' log α (Adam)"))
     lambda_lr: float = field(default=1.0, metadata=described(
-        "nuteprune: learning rate of the Lagrange multipliers λ1, λ2 (Adam without momentum, gradient ascent)"))
+        "learning rate of the Lagrange multipliers λ1, λ2 (Adam without momentum, gradient ascent)"))
     gate_init: float = field(default=3.0, metadata=described(
-        "nuteprune: initial log α of every gate (3: P(gate ≠ 0) = 0.99, 80 percent of samples exactly 1)"))
-    lora_r: int = field(default=8, metadata=described("nuteprune: LoRA rank"))
-    lora_alpha: float = field(default=16.0, metadata=described("nuteprune: LoRA alpha (update scaled by alpha / r)"))
-    lora_dropout: float = field(default=0.0, metadata=described("nuteprune: dropout on the LoRA input"))
-    lora_targets: str = field(default="q_proj,v_proj", metadata=described(
-        "nuteprune: comma-separated module names that get LoRA"))
-    kd_weight: float = field(default=0.1, metadata=described("nuteprune: weight of the logit KL term"))
-    kd_temperature: float = field(default=2 / 3, metadata=described(
-        "nuteprune: KL temperature T (both sides, loss scaled by T²)"))
-    hidden_weight: float = field(default=0.9, metadata=described(
-        "nuteprune: weight of the summed per-layer hidden-state MSE"))
+        "initial log α of every gate (3: P(gate ≠ 0) = 0.99, 80 percent of samples exactly 1)"))
+    kd_weight: float = field(default=0.1, metadata=described("weight of the logit KL term"))
+    distill_temperature: float = field(default=2 / 3, metadata=described(
+        "KL temperature T (both sides, loss scaled by T²)"))
+    hidden_weight: float = field(default=0.9, metadata=described("weight of the summed per-layer hidden-state MSE"))
     hidden_normalise: bool = field(default=True, metadata=described(
-        "nuteprune: divide each layer's MSE by the teacher's mean square there (off: plain MSE, whose scale "
-        "follows the residual stream's)"))
+        "divide each layer's MSE by the teacher's mean square there (off: plain MSE, whose scale follows the "
+        "residual stream's)"))
     numerous_teachers: bool = field(default=True, metadata=described(
-        "nuteprune: teachers from snapshots of the student (off: always the dense model)"))
+        "teachers from snapshots of the student (off: always the dense model)"))
     snapshot_every: float = field(default=0.01, metadata=described(
-        "nuteprune: record a snapshot each time the expected sparsity passes a multiple of this"))
+        "record a snapshot each time the expected sparsity passes a multiple of this"))
     teacher_gap: float = field(default=0.1, metadata=described(
-        "nuteprune: sparsity gap between student and teacher while the target ramps up; afterwards the "
-        "teacher walks back to the dense model"))
-    max_grad_norm: float = field(default=1.0, metadata=described(
-        "nuteprune: clip the LoRA gradient norm to this (0 = no clipping)"))
-    save_every: int = field(default=50, metadata=described(
-        "nuteprune: save a resumable state every N steps (0 = never)"))
-    bf16: bool = field(default=False, metadata=described("bf16 autocast for the forward passes"))
-    seed: int = field(default=0, metadata=described("seed for the gate noise, data order and LoRA init"))
+        "sparsity gap between student and teacher while the target ramps up; afterwards the teacher walks back "
+        "to the dense model"))
+    lora: LoraOptions = field(default_factory=lambda: LoraOptions(lora_dropout=0.0, lora_targets="q_proj,v_proj"))
+    training: TrainingOptions = field(default_factory=lambda: TrainingOptions(lr=2e-4, save_every=50))
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
     def validate(self) -> None:
-        if not 0 < self.ratio < 1:
-            raise SdmpruneError(f"--ratio must be in (0, 1), got {self.ratio}")
-        for name in ("train_steps", "train_batch_size", "lora_r"):
+        if self.target.mlp_ratio is not None:
+            raise SdmpruneError("--mlp-ratio applies to scoring methods; nuteprune removes attention groups too: "
+                                "give --ratio (of total parameters)")
+        for name in ("train_steps", "train_batch_size"):
             if getattr(self, name) < 1:
                 raise SdmpruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.save_every < 0:
-            raise SdmpruneError(f"--save-every must be 0 or more, got {self.save_every}")
-        for name in ("lr", "gate_lr", "lambda_lr", "kd_temperature", "snapshot_every"):
+        for name in ("gate_lr", "lambda_lr", "distill_temperature", "snapshot_every"):
             if getattr(self, name) <= 0:
                 raise SdmpruneError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 < self.sparsity_warmup <= 1:
@@ -102,10 +90,10 @@ class NutePruneConfig:
             raise SdmpruneError("--kd-weight and --hidden-weight must be non-negative and not both 0")
         if not 0 <= self.teacher_gap < 1:
             raise SdmpruneError(f"--teacher-gap must be in [0, 1), got {self.teacher_gap}")
-        if not 0 <= self.lora_dropout < 1:
-            raise SdmpruneError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_targets.strip(","):
-            raise SdmpruneError("--lora-targets names no module: give e.g. q_proj,v_proj")
+
+    @property
+    def ratio(self) -> float:
+        return self.target.total_ratio
 
     @property
     def warmup_steps(self) -> int:
@@ -122,13 +110,9 @@ class NutePruneResult:
 
 
 def window_indices(step: int, n_windows: int, train_batch_size: int, seed: int) -> list[int]:
-    """Windows of 0-based `step`: slots step·B ... (step+1)·B - 1 of per-epoch permutations seeded by (seed, epoch)."""
-    indices = []
-    for position in range(step * train_batch_size, (step + 1) * train_batch_size):
-        epoch, slot = divmod(position, n_windows)
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        indices.append(int(torch.randperm(n_windows, generator=generator)[slot]))
-    return indices
+    """Windows of 0-based `step`: slots step·B ... (step+1)·B - 1 of per-epoch permutations."""
+    return [example_at(position, n_windows, seed)
+            for position in range(step * train_batch_size, (step + 1) * train_batch_size)]
 
 
 def _nbytes(tensors) -> int:
@@ -142,8 +126,6 @@ class NutePruneRun:
     """
 
     def __init__(self, model: nn.Module, config: NutePruneConfig):
-        from peft import LoraConfig, get_peft_model
-
         device = next(model.parameters()).device
         self.config = config
         self.count = count_parameters(model)
@@ -151,27 +133,20 @@ class NutePruneRun:
         if config.ratio > self.gates.max_ratio():
             raise SdmpruneError(f"--ratio {config.ratio} cannot be reached by removing attention groups and MLP "
                                 f"neurons: at most {self.gates.max_ratio():.3f} of the total; ask for less")
-        targets = [name for name in config.lora_targets.split(",") if name]
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=targets, bias="none")
-        try:
-            self.peft_model = get_peft_model(model, lora)
-        except ValueError as error:
-            raise SdmpruneError(f"LoRA could not be attached ({str(error).splitlines()[0][:200]}): check "
-                                "--lora-targets against the model's module names") from error
+        self.peft_model, _ = attach_lora(model, config.lora)
         self.model = model  # the same object, LoRA layers injected in place
         self.peft_model.train()
         self.masks = StructureMasks(model, self.gates)  # after LoRA: hooks sit on whatever module is there
         self.teachers = NumerousTeachers(self.peft_model, self.masks)
         self.lagrangian = Lagrangian(device)
         self.optimizer = torch.optim.AdamW([
-            {"params": list(self.teachers.lora.values()), "lr": config.lr, "weight_decay": 0.0},
+            {"params": list(self.teachers.lora.values()), "lr": config.training.lr, "weight_decay": 0.0},
             {"params": [self.gates.log_alpha], "lr": config.gate_lr, "weight_decay": 0.0},
         ])
         # No momentum on λ: with it, λ keeps pushing for steps after ŝ crosses the target and ŝ oscillates.
         self.lambda_optimizer = torch.optim.Adam(self.lagrangian.parameters(), lr=config.lambda_lr, betas=(0.0, 0.999),
                                                  maximize=True)
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.generator = torch.Generator(device=device).manual_seed(config.runtime.seed)
         self.step, self.log, self.seconds = 0, [], 0.0
 
     def state_bytes(self) -> dict[str, int]:
@@ -187,42 +162,27 @@ class NutePruneRun:
         model = _nbytes(p for p in self.peft_model.parameters() if id(p) not in lora_ids)
         return {"model_weights": model, **parts, "state_total": sum(parts.values())}
 
-    def save(self, directory: Path, run: dict) -> None:
-        tensors = {"log_alpha": self.gates.log_alpha.detach().cpu(), "lambdas": self.lagrangian.lambdas.detach().cpu(),
-                   "generator": self.generator.get_state(), "rng.cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-        tensors |= {f"lora.{name}": p.detach().cpu().contiguous() for name, p in self.teachers.lora.items()}
+    def save(self, checkpoint: Checkpoint, settings: dict) -> None:
+        tensors = {"log_alpha": self.gates.log_alpha, "lambdas": self.lagrangian.lambdas,
+                   "generator": self.generator.get_state(), **rng_tensors()}
+        tensors |= {f"lora.{name}": p for name, p in self.teachers.lora.items()}
         copies: dict[int, int] = {}  # snapshots recorded at the same step share one LoRA copy: save it once
         snapshots = {}
         for level, snapshot in self.teachers.snapshots.items():
-            tensors[f"snapshot.{level}.keep"] = snapshot.keep.to(torch.uint8).cpu()
+            tensors[f"snapshot.{level}.keep"] = snapshot.keep.to(torch.uint8)
             snapshots[level] = copies.setdefault(id(snapshot.lora), len(copies))
             if snapshots[level] == len(copies) - 1:
-                tensors |= {f"snapshot_lora.{snapshots[level]}.{name}": t.cpu().contiguous()
-                            for name, t in snapshot.lora.items()}
+                tensors |= {f"snapshot_lora.{snapshots[level]}.{name}": t for name, t in snapshot.lora.items()}
         optimizer, optimizer_meta = flatten_optimizer(self.optimizer)
         lambda_optimizer, lambda_meta = flatten_optimizer(self.lambda_optimizer)
         tensors |= {f"optimizer.{k}": v for k, v in optimizer.items()}
         tensors |= {f"lambda_optimizer.{k}": v for k, v in lambda_optimizer.items()}
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_file(directory / STATE_TENSORS) as tmp:
-            save_file(tensors, tmp)
-        record = {"method": "nuteprune", "run": run, "step": self.step, "seconds": self.seconds, "log": self.log,
-                  "snapshots": snapshots, "optimizer": optimizer_meta,
-                  "lambda_optimizer": lambda_meta}
-        with atomic_file(directory / STATE_JSON) as tmp:  # written last: it marks the step done
-            tmp.write_text(json.dumps(record, indent=1))
+        progress = {"step": self.step, "seconds": self.seconds, "log": self.log, "snapshots": snapshots,
+                    "optimizer": optimizer_meta, "lambda_optimizer": lambda_meta}
+        checkpoint.save(settings, progress, tensors)
 
-    def load(self, directory: Path, run: dict) -> None:
-        record = json.loads((directory / STATE_JSON).read_text())
-        if record.get("method") != "nuteprune" or record["run"] != run:
-            previous = record.get("run", {})
-            changed = sorted(k for k in run if previous.get(k) != run[k])
-            raise SdmpruneError(f"cannot resume {directory}: the settings differ from the interrupted run's "
-                                f"({', '.join(changed) or 'method'}); use the same command, or --overwrite to start "
-                                "over")
-        tensors = load_file(directory / STATE_TENSORS)
+    def load(self, checkpoint: Checkpoint, settings: dict) -> None:
+        progress, tensors = checkpoint.load(settings)
         device = self.gates.log_alpha.device
         with torch.no_grad():
             self.gates.log_alpha.copy_(tensors["log_alpha"])
@@ -230,23 +190,16 @@ class NutePruneRun:
             for name, p in self.teachers.lora.items():
                 p.copy_(tensors[f"lora.{name}"])
         copies = {c: {name: tensors[f"snapshot_lora.{c}.{name}"].to(device) for name in self.teachers.lora}
-                  for c in set(record["snapshots"].values())}
-        for level, c in record["snapshots"].items():
+                  for c in set(progress["snapshots"].values())}
+        for level, c in progress["snapshots"].items():
             keep = tensors[f"snapshot.{level}.keep"].bool().to(device)
             self.teachers.snapshots[int(level)] = Snapshot(keep, copies[c])
-
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        self.optimizer.load_state_dict(unflatten_optimizer(part("optimizer."), record["optimizer"]))
-        self.lambda_optimizer.load_state_dict(unflatten_optimizer(part("lambda_optimizer."),
-                                                                  record["lambda_optimizer"]))
+        self.optimizer.load_state_dict(unflatten_optimizer(prefixed(tensors, "optimizer."), progress["optimizer"]))
+        self.lambda_optimizer.load_state_dict(unflatten_optimizer(prefixed(tensors, "lambda_optimizer."),
+                                                                  progress["lambda_optimizer"]))
         self.generator.set_state(tensors["generator"])
-        torch.set_rng_state(tensors["rng.cpu"])
-        cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
-        if cuda_states:
-            torch.cuda.set_rng_state_all(cuda_states)
-        self.step, self.log, self.seconds = record["step"], record["log"], record["seconds"]
+        restore_rng(tensors)
+        self.step, self.log, self.seconds = progress["step"], progress["log"], progress["seconds"]
 
     def train_step(self, ids: torch.Tensor) -> dict:
         """One optimizer step on windows `ids` (B, S), then the snapshots it earned; returns its log entry."""
@@ -256,12 +209,12 @@ class NutePruneRun:
         wanted = teacher_level(step, previous, every=config.snapshot_every, gap=config.teacher_gap, ratio=config.ratio,
                                warmup_steps=config.warmup_steps, total_steps=config.train_steps)
         level = self.teachers.available(wanted) if config.numerous_teachers else 0
-        with autocast_context(device, config.bf16):
+        with autocast_context(device, config.runtime.bf16):
             teacher = self.teachers.outputs(ids, level)
         self.masks.set(self.gates.sample(self.generator))
-        with autocast_context(device, config.bf16), layer_outputs(self.model) as hidden:
+        with autocast_context(device, config.runtime.bf16), layer_outputs(self.model) as hidden:
             logits = self.model(input_ids=ids, use_cache=False).logits
-        kd = soft_target_kl(logits, teacher.logits, config.kd_temperature)
+        kd = soft_target_kl(logits, teacher.logits, config.distill_temperature)
         mse = hidden_state_mse(hidden, teacher.hidden, config.hidden_normalise)
         distill = config.kd_weight * kd + config.hidden_weight * mse
         target = sparsity_target(step, config.ratio, config.warmup_steps)
@@ -270,8 +223,8 @@ class NutePruneRun:
             raise SdmpruneError(f"nuteprune step {step + 1}: the loss is not finite ({loss.item()}); try float32 "
                                 "weights, no --bf16, or lower learning rates")
         loss.backward()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.teachers.lora.values()), config.max_grad_norm)
+        if config.training.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.teachers.lora.values()), config.training.max_grad_norm)
         for optimizer in (self.optimizer, self.lambda_optimizer):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -309,7 +262,7 @@ class NutePruneRun:
         params_after = count.after(masks.widths, heads.kv_heads)
         report = {
             "method": "nuteprune",
-            "config": asdict(config),
+            "config": to_dict(config),
             "requested": {"ratio": config.ratio, "mlp_ratio": None},
             "achieved": {
                 "params_before": count.total,
@@ -322,7 +275,7 @@ class NutePruneRun:
             "widths": masks.widths,
             "kv_heads_before": count.kv_heads,
             "kv_heads": heads.kv_heads,
-            "seed": config.seed,
+            "seed": config.runtime.seed,
             "training": {
                 "steps": self.step,
                 "seconds": round(self.seconds, 2),
@@ -365,38 +318,40 @@ def nuteprune(
     state_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    **overrides,
+    **options,
 ) -> NutePruneResult:
-    """Learn attention-group and MLP-neuron masks of `model` with NutePrune; keyword overrides update `config`.
+    """Learn attention-group and MLP-neuron masks of `model` with NutePrune; keyword `options` (flat option names, as on
+    the command line) update `config`.
 
     `calibration` (N, S) token ids are the training windows. `model` is changed in place: LoRA merged,
     `NeuronMasks` and `HeadMasks` attached (weights not sliced yet; `export_pruned` does that). With
     `state_dir` the run state is saved every `save_every` steps; `resume=True` continues from it.
     """
-    config = NutePruneConfig(**{**asdict(config or NutePruneConfig()), **overrides})
-    config.validate()
+    config = build(NutePruneConfig, options, base=config)
+    validate(config)
     if calibration is None or calibration.dim() != 2:
         raise SdmpruneError("nuteprune trains on calibration windows: pass an (N, S) tensor of token ids (--calib)")
-    torch.manual_seed(config.seed)
-    state_dir = Path(state_dir) if state_dir is not None else None
+    torch.manual_seed(config.runtime.seed)
+    checkpoint = Checkpoint(state_dir)
     run = NutePruneRun(model, config)
-    run_record = {"config": asdict(config), "calibration": calibration_summary}  # what a resumed run must match
-    if resume and state_dir is not None and (state_dir / STATE_JSON).is_file():
-        run.load(state_dir, run_record)
+    settings = {"method": "nuteprune", "config": to_dict(config), "calibration": calibration_summary}
+    if resume and checkpoint.exists():
+        run.load(checkpoint, settings)
     device = next(model.parameters()).device
     started = time.perf_counter() - run.seconds
     bar = tqdm(total=config.train_steps, initial=run.step, desc="nuteprune", unit="step", disable=not progress)
     while run.step < config.train_steps:
-        ids = calibration[window_indices(run.step, calibration.shape[0], config.train_batch_size, config.seed)]
+        ids = calibration[window_indices(run.step, calibration.shape[0], config.train_batch_size,
+                                             config.runtime.seed)]
         entry = run.train_step(ids.to(device))
         run.seconds = time.perf_counter() - started
         bar.update(1)
         bar.set_postfix(sparsity=f"{entry['expected_sparsity']:.3f}", target=f"{entry['target']:.3f}",
                         lam=f"{entry['lambda1']:.2f},{entry['lambda2']:.2f}", loss=f"{entry['loss']:.3f}",
                         teacher=f"{entry['teacher_sparsity']:.2f}")
-        if state_dir is not None and config.save_every and run.step % config.save_every == 0 \
-                and run.step < config.train_steps:
-            run.save(state_dir, run_record)
+        every = config.training.save_every
+        if every and run.step % every == 0 and run.step < config.train_steps:
+            run.save(checkpoint, settings)
     bar.close()
     result = run.finish()
     result.report["training"]["tokens"] = config.train_steps * config.train_batch_size * calibration.shape[1]

@@ -136,6 +136,12 @@ def tokenize_dataset(tokenizer, examples: list[dict], max_len: int) -> Tokenized
     return TokenizedData(kept_ids, kept_labels, dropped)
 
 
+def text_windows(windows: torch.Tensor) -> TokenizedData:
+    """Token windows (N, S) as examples whose every next token is a target (plain text: no prompt to mask)."""
+    rows = windows.tolist()
+    return TokenizedData(rows, [list(row) for row in rows], 0)
+
+
 def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     """A right-padded batch: input_ids, attention_mask and labels, each (B, S) with S the longest example."""
     length = max(len(data.input_ids[i]) for i in indices)

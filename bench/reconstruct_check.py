@@ -1,0 +1,219 @@
+"""Reconstruction check on SmolLM2-135M: WikiText-2 perplexity of structured-Wanda masks with no refit, the one-shot
+refit and the sequential refit (every target of `sdmprune.reconstruct.TARGETS`), a damping sweep and the intercept
+on/off; seconds and peak memory of the reconstruction stage.
+
+    .venv/bin/python bench/reconstruct_check.py [--data-dir ../shared/data] [--threads 2]
+
+Calibration: 32 C4 windows × 256 tokens (seed 0). Selection: structured Wanda (`mean_rows |W_down[:, i]| · ‖X_i‖₂`
+on the dense model) with uniform widths for a ratio of total parameters, as `prune(criterion="wanda-sp")` does,
+computed here so that this check does not depend on the pipeline. Evaluation: WikiText-2 test, first 8,192 tokens,
+512-token windows, fp32 on the CPU. The model's weights never change (the refit lives in the masks), so one model
+serves every configuration. Results go to bench/results/reconstruct_check.{json,md}, rewritten after every
+configuration; a rerun skips configurations already there (delete the JSON to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from sdmprune import load_model, perplexity
+from sdmprune.data import load_calibration, load_text
+from sdmprune.evaluation.perplexity import tokenize_windows
+from sdmprune.masks import NeuronMasks, count_parameters
+from sdmprune.reconstruct import TARGETS, ReconstructConfig, reconstruct
+from sdmprune.runtime import library_versions
+
+RESULTS = Path(__file__).parent / "results"
+RATIOS = (0.3, 0.4)
+DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT = ReconstructConfig()
+
+
+def configurations() -> list[dict]:
+    """Every (ratio, mode, target, damping, intercept) to measure, the most informative first."""
+    runs = []
+    for ratio in RATIOS:
+        runs.append(dict(ratio=ratio, mode="none", target=None, damping=None, intercept=False))
+        for mode in ("one-shot", "sequential"):
+            for intercept in (False, True):
+                runs.append(dict(ratio=ratio, mode=mode, target="drift" if mode == "sequential" else None,
+                                 damping=DEFAULT.damping, intercept=intercept))
+        runs += [dict(ratio=ratio, mode="sequential", target=target, damping=DEFAULT.damping, intercept=False)
+                 for target in TARGETS if target != "drift"]
+    for mode in ("one-shot", "sequential"):
+        runs += [dict(ratio=RATIOS[0], mode=mode, target="drift" if mode == "sequential" else None, damping=damping,
+                      intercept=False) for damping in DAMPINGS if damping != DEFAULT.damping]
+    return runs
+
+
+def key(run: dict) -> str:
+    return f"{run['ratio']}|{run['mode']}|{run['target']}|{run['damping']}|{run['intercept']}"
+
+
+def wanda_norms(model, calibration: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:
+    """‖X_i‖₂ over the calibration tokens of every neuron's output (down_proj input), dense model, fp32."""
+    downs = [layer.mlp.down_proj for layer in model.model.layers]
+    sums = [torch.zeros(down.in_features) for down in downs]
+
+    def hook(layer: int):
+        def record(module, args):
+            sums[layer] += args[0].detach().flatten(0, -2).float().pow(2).sum(0)
+
+        return record
+
+    handles = [down.register_forward_pre_hook(hook(layer)) for layer, down in enumerate(downs)]
+    with torch.inference_mode():
+        for batch in calibration.split(micro_batch):
+            model(input_ids=batch, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return [s.sqrt() for s in sums]
+
+
+def wanda_masks(model, norms: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
+    """Uniform widths removing `ratio` of the total parameters (rounded down), highest scores kept (ties: lower
+    index), scores mean_rows |W_down[:, i]| · ‖X_i‖₂."""
+    count = count_parameters(model)
+    width = math.floor((sum(count.widths) - ratio * count.total / count.per_neuron[0]) / len(count.widths) + 1e-9)
+    keep = []
+    for layer, norm in zip(model.model.layers, norms, strict=True):
+        scores = layer.mlp.down_proj.weight.detach().float().abs().mean(0) * norm
+        mask = torch.zeros(scores.numel(), dtype=torch.bool)
+        mask[torch.argsort(scores, descending=True, stable=True)[:width]] = True
+        keep.append(mask)
+    return keep
+
+
+class PeakMemory:
+    """Peak resident memory (bytes) of this process while the block runs, sampled every 10 ms, above its start
+    (freed heap is first handed back to the system, so that the start counts live memory only)."""
+
+    def __enter__(self) -> PeakMemory:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def above_start_mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        "# Reconstruction check (SmolLM2-135M, structured Wanda masks)",
+        "",
+        f"Calibration: {record['calibration']['samples']} C4 windows × {record['calibration']['seq_len']} tokens "
+        f"(seed {record['calibration']['seed']}). WikiText-2 test, first {record['eval_tokens']:,} tokens, 512-token "
+        f"windows, fp32 on the CPU ({record['machine']['threads']} threads, shared machine: seconds are noisy). "
+        f"Dense PPL {record['dense_ppl']:.2f}. Peak memory: resident memory above the stage's start (the model "
+        "itself excluded).",
+        "",
+        "| ratio | reconstruction | target | damping | intercept | WikiText-2 PPL | seconds | peak MiB | "
+        "mean layer error before → after | final drift |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in record["runs"]:
+        errors = f"{run['error_before']:.3f} → {run['error_after']:.3f}" if "error_after" in run else ""
+        drift = f"{run['final_drift']:.4f}" if "final_drift" in run else ""
+        lines.append(
+            f"| {run['ratio']} | {run['mode']} | {run['target'] or ''} | {run['damping'] if run['damping'] else ''} | "
+            f"{'yes' if run['intercept'] else 'no'} | {run['ppl']:.1f} | "
+            f"{run['seconds']:.0f} | {run['peak_mib']:.0f} | {errors} | {drift} |" if run["mode"] != "none" else
+            f"| {run['ratio']} | none |  |  |  | {run['ppl']:.1f} |  |  |  |  |"
+        )
+    lines += [
+        "",
+        "Layer error: Σ‖T − W u − b‖² / Σ‖T‖² on the calibration tokens, T the layer's target (one-shot: the dense "
+        "layer's output on dense inputs; sequential: the target named), averaged over layers; before = the plain "
+        "masked layer. Final drift (sequential): Σ‖h_pruned − h_dense‖² / Σ‖h_dense‖² of the last layer's output "
+        "on the calibration tokens.",
+        "",
+        f"Command: `{record['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("SDMPRUNE_DATA_DIR", "../shared/data"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "reconstruct_check.json"
+    record = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    done = {key(run) for run in record["runs"]}
+
+    model, tokenizer = load_model("smollm2-135m", dtype="float32", device="cpu")
+    calibration, summary = load_calibration("c4", tokenizer, n_samples=32, seq_len=256, seed=0,
+                                            data_dir=args.data_dir)
+    windows = tokenize_windows(tokenizer, load_text("wikitext2", args.data_dir), 512, 8192, model)
+    record.update(
+        command=f"OMP_NUM_THREADS={args.threads} .venv/bin/python bench/reconstruct_check.py --data-dir "
+                f"{args.data_dir} --threads {args.threads} --micro-batch {args.micro_batch}",
+        calibration=summary, eval_tokens=windows.numel(), micro_batch=args.micro_batch,
+        machine={"platform": platform.platform(), "threads": args.threads, "cpus": os.cpu_count()},
+        versions=library_versions(),
+    )
+    if "dense_ppl" not in record:
+        record["dense_ppl"] = perplexity(model, tokenizer, windows, progress=False)["ppl"]
+    norms = wanda_norms(model, calibration, args.micro_batch)
+    for ratio in RATIOS:
+        runs = [run for run in configurations() if run["ratio"] == ratio and key(run) not in done]
+        if not runs:
+            continue
+        masks = NeuronMasks(model, wanda_masks(model, norms, ratio))
+        for run in runs:
+            masks.down_weight = [None] * len(masks.keep)
+            masks.down_bias = [None] * len(masks.keep)
+            if run["mode"] != "none":
+                config = ReconstructConfig(run["mode"], run["damping"], run["intercept"])
+                with PeakMemory() as memory:
+                    report = reconstruct(model, masks, calibration, config, micro_batch=args.micro_batch,
+                                         target=run["target"] or "drift")
+                rows = report["layers"]
+                run.update(seconds=report["seconds"], peak_mib=memory.above_start_mib,
+                           error_before=sum(r["error_before"] for r in rows) / len(rows),
+                           error_after=sum(r["error_after"] for r in rows) / len(rows), layers=rows)
+                if run["mode"] == "sequential":
+                    run["final_drift"] = rows[-1]["drift"]
+            run.update(width=masks.widths[0], ppl=perplexity(model, tokenizer, windows, progress=False)["ppl"])
+            record["runs"].append(run)
+            record["runs"].sort(key=lambda r: [key(c) for c in configurations()].index(key(r)))
+            path.write_text(json.dumps(record, indent=1))
+            (RESULTS / "reconstruct_check.md").write_text(markdown(record))
+            print(f"{key(run)}: PPL {run['ppl']:.2f}" + (f", {run['seconds']:.0f} s" if "seconds" in run else ""),
+                  flush=True)
+        masks.remove()
+
+
+if __name__ == "__main__":
+    main()

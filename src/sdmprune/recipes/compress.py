@@ -1,0 +1,303 @@
+"""Recipe `compress`: from a dense model to a deployable one in one command.
+
+    from sdmprune.recipes import compress
+    report = compress.run(compress.CompressRun.of(model="smollm2-135m", ratio=0.2, output="runs/c20"))
+
+Stages, each resumable (a killed run continued with --resume ends with the same export, byte for byte):
+check every input → calibrate (calibration and recovery windows, dense perplexity) → prune (the
+recommended SDMPrune preset; masks only) → reconstruct (refit of the kept down_proj weights, held beside
+the weights) → recover (LoRA distilled from the dense model, which is the same weights with adapters and
+masks off: no second copy) → evaluate (zero-shot tasks, optional) → export (LoRA merged, sliced, written).
+Perplexity is measured after every stage that changes the model and plotted in `stages.png`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint, clear_for_new_run, prepare_output
+from ..config import LoraOptions, RuntimeOptions, TrainingOptions
+from ..data import load_calibration
+from ..errors import SdmpruneError
+from ..evaluation.tasks import evaluate_tasks, parse_task_names, resolve_tasks
+from ..export import export_pruned
+from ..lora import attach_lora
+from ..masks import NeuronMasks, count_parameters
+from ..options import described, to_dict, validate
+from ..pruning import PruneConfig, prune
+from ..reconstruct import ReconstructConfig, reconstruct
+from ..recovery.data import IGNORE_INDEX, load_instructions, text_windows, tokenize_dataset
+from ..recovery.finetune import RecoveryOptions, TeacherLogits, train
+from ..runtime import autocast_context, context_length
+from ..schedule import check_plan
+from .options import PerplexityOptions, PruningRunOptions, TaskOptions
+from .prune import FINISHED
+from .steps import calibration_windows, load, measure, perplexity_windows, say
+
+STAGES = ("calibrate", "prune", "reconstruct", "recover", "evaluate", "export")
+# down_proj stays without LoRA: its input is what the masks cut, and its weight may be a refit held by the masks
+COMPRESS_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"
+# Fractions of the matmul ceiling reached here: inference ~0.8 (SmolLM2 forward 370 tok/s fp32 against 117
+# GFLOP/s), passes with a backward 0.38-0.49 (bench/results/perf_cost.md)
+FORWARD_EFFICIENCY, TRAINING_EFFICIENCY = 0.8, 0.4
+
+
+@dataclass
+class RecoverySource:
+    """recovery data"""
+
+    recover_data: str = field(default="c4", metadata=described(
+        "text to distil on (c4, wikitext2, a .txt file, a .jsonl file with a text field, a directory of them, or "
+        "self: windows of --max-len tokens, no labels needed), an Alpaca instruction .json file (prompt masked), "
+        "or 'none' to skip the stage"))
+    recover_tokens: int = field(default=16384, metadata=described(
+        "tokens of recovery data per epoch (windows of --max-len; instruction data: the first examples up to it)"))
+
+    def validate(self) -> None:
+        if self.recover_tokens < 1:
+            raise SdmpruneError(f"--recover-tokens must be at least 1, got {self.recover_tokens}")
+
+
+@dataclass
+class CompressRun(PruningRunOptions):
+    """Dense model to deployable model: prune with the recommended preset, reconstruct, recover by distillation
+    from the dense model held in the same weights, evaluate, export."""
+
+    pruning: PruneConfig = field(default_factory=lambda: PruneConfig(runtime=RuntimeOptions(bf16=True)))
+    reconstruction: ReconstructConfig = field(default_factory=ReconstructConfig)
+    recovery: RecoveryOptions = field(default_factory=lambda: RecoveryOptions(
+        epochs=1, batch_size=4, grad_accum=2, max_len=256, kd_beta=1.0,
+        lora=LoraOptions(lora_dropout=0.0, lora_targets=COMPRESS_LORA_TARGETS),
+        training=TrainingOptions(lr=5e-4, save_every=4)))
+    source: RecoverySource = field(default_factory=RecoverySource)
+    tasks: TaskOptions = field(default_factory=TaskOptions)
+    evaluation: PerplexityOptions = field(default_factory=lambda: PerplexityOptions(max_tokens=8192))
+    dry_run: bool = field(default=False, metadata=described(
+        "print the plan (stages, estimated time and memory) and stop"))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _matmul_gflops(bf16: bool, device: torch.device) -> float:
+    """This machine's matmul speed (GFLOP/s), measured on 1024 x 1024 products for about 0.2 s."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(1024, 1024, dtype=dtype, device=device)
+    a @ a  # warm-up
+    start, runs = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.2:
+        a @ a
+        runs += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * 1024**3 * runs / (time.perf_counter() - start) / 1e9
+
+
+def plan(config: CompressRun, model: nn.Module) -> list[dict]:
+    """The stages that will run, each with its estimated seconds and peak memory (GiB): pass FLOPs counted
+    from the parameters and tokens, at the efficiencies above of the matmul speed measured now."""
+    count, pruning = count_parameters(model), config.pruning
+    bf16 = pruning.runtime.bf16
+    params, width, layers = count.total, max(count.widths), len(count.widths)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ceiling = _matmul_gflops(bf16, next(model.parameters()).device) * 1e9
+    calibration_tokens = config.calibration.calib_samples * config.calibration.calib_seq_len
+    recovery_tokens = config.source.recover_tokens * config.recovery.epochs
+    eval_tokens = config.evaluation.max_tokens if config.evaluation.ppl_data != "none" else 0
+    task_tokens = 40_000 * len(parse_task_names(config.tasks.tasks)) if config.tasks.tasks else 0  # at --limit 200
+    reconstruct_passes = {"none": 0, "one-shot": 1, "sequential": 2}[config.reconstruction.reconstruct]
+    recovering = config.source.recover_data != "none"
+    cold_start = 4 if pruning.criterion.name == "sdmprune" else 0
+    # (forward-only FLOPs, training FLOPs): 2 per parameter and token forward, 6 with the backward pass
+    work = {
+        "calibrate": (2 * params * eval_tokens, 0),
+        "prune": (2 * params * (eval_tokens + pruning.steps * calibration_tokens),
+                  (cold_start + 4 * pruning.steps) * params * calibration_tokens),
+        "reconstruct": (2 * params * (eval_tokens + reconstruct_passes * calibration_tokens), 0),
+        "recover": (2 * params * (eval_tokens + recovery_tokens), 6 * params * recovery_tokens * recovering),
+        "evaluate": (2 * params * task_tokens, 0),
+        "export": (0, 0),
+    }
+    logits = 4 * max(config.calibration.calib_seq_len, config.recovery.max_len) * model.config.vocab_size
+    memory = {
+        "calibrate": weight_bytes,
+        "prune": weight_bytes * (2 if getattr(pruning.criterion, "importance", "") == "weight" else 1.3) + 3 * logits,
+        "reconstruct": weight_bytes + 8 * layers * width**2,  # fp64 Gram per layer
+        "recover": weight_bytes * 1.3 + 3 * logits * config.recovery.batch_size,
+        "evaluate": weight_bytes * 1.2,
+        "export": weight_bytes * 2,
+    }
+    seconds = {stage: forward / (ceiling * FORWARD_EFFICIENCY) + training / (ceiling * TRAINING_EFFICIENCY)
+               for stage, (forward, training) in work.items()}
+    return [{"stage": stage, "seconds": round(seconds[stage], 1), "memory_gib": round(memory[stage] / 2**30, 2)}
+            for stage in STAGES if stage != "reconstruct" or config.reconstruction.reconstruct != "none"
+            if stage != "recover" or recovering]
+
+
+def print_plan(stages: list[dict], config: CompressRun) -> None:
+    print(f"plan for {config.model.model} -> {config.output.output} (estimates on this machine):")
+    for index, stage in enumerate(stages, start=1):
+        print(f"  {index}. {stage['stage']:12s} ~{stage['seconds']:8.1f} s   peak ~{stage['memory_gib']:.2f} GiB")
+    print(f"  total ~{sum(s['seconds'] for s in stages):.0f} s")
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def live_teacher(peft_model: nn.Module, masks: NeuronMasks, bf16: bool) -> TeacherLogits:
+    """The dense model's logits (n, V) at the target positions of a batch, from the student's own weights:
+    adapters off (peft) and masks off (which also takes the reconstruction's refit away)."""
+
+    def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        with peft_model.disable_adapter(), masks.disabled(), torch.inference_mode(), \
+                autocast_context(batch["input_ids"].device, bf16):
+            result = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).logits[:, :-1][mask]
+        return result.clone()  # an ordinary tensor autograd may save
+
+    return logits
+
+
+def recovery_data(config: CompressRun, model: nn.Module, tokenizer):
+    """Tokenised recovery examples: windows of text, or instruction examples up to --recover-tokens."""
+    source, length = config.source, config.recovery.max_len
+    if Path(source.recover_data).suffix == ".json":
+        examples = load_instructions(source.recover_data)
+        data = tokenize_dataset(tokenizer, examples, length)
+        total, keep = 0, 0
+        while keep < len(data) and total < source.recover_tokens:
+            total, keep = total + len(data.input_ids[keep]), keep + 1
+        data.input_ids, data.labels = data.input_ids[:keep], data.labels[:keep]
+        return data
+    n_windows = max(1, source.recover_tokens // length)
+    windows, _ = load_calibration(source.recover_data, tokenizer, n_samples=n_windows, seq_len=length,
+                                  seed=config.pruning.runtime.seed + 1, model=model, data_dir=config.data.data_dir,
+                                  temperature=config.calibration.calib_temperature,
+                                  top_p=config.calibration.calib_top_p)
+    return text_windows(windows)
+
+
+def plot_stages(figures: dict[str, dict], path: Path) -> None:
+    """Perplexity after each stage (log scale) as a PNG."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.5), layout="tight")
+    axes = figure.subplots()
+    names = list(figures)
+    axes.bar(names, [figures[n]["ppl"] for n in names], color="tab:blue")
+    for x, name in enumerate(names):
+        axes.annotate(f"{figures[name]['ppl']:.1f}", (x, figures[name]["ppl"]), ha="center", va="bottom")
+    axes.set_yscale("log")
+    first = figures[names[0]]
+    axes.set_ylabel(f"perplexity ({first['data']}, {first['tokens']} tokens)")
+    axes.set_title("perplexity after each stage")
+    figure.savefig(path, dpi=120)
+
+
+def run(config: CompressRun) -> dict:
+    """Run every stage (resuming the saved ones) and export; returns the report written to pruning.json."""
+    validate(config)
+    pruning, output = config.pruning, Path(config.output.output)
+    bf16 = pruning.runtime.bf16
+    if not config.dry_run:
+        resume = prepare_output(output, overwrite=config.output.overwrite, resume=config.output.resume,
+                                finished=FINISHED)
+    names = parse_task_names(config.tasks.tasks) if config.tasks.tasks else None
+    selection = resolve_tasks(names, config.data.data_dir) if names else None
+    model, tokenizer = load(config.model)
+    check_plan(model, pruning)
+    context = context_length(model)
+    if context is not None and config.recovery.max_len > context:
+        raise SdmpruneError(f"--max-len {config.recovery.max_len} is longer than the model's context ({context} "
+                            "tokens): lower it")
+    stages = plan(config, model)
+    if config.dry_run:
+        print_plan(stages, config)
+        return {"plan": stages}
+    windows = perplexity_windows(config.evaluation, config.data, model, tokenizer)
+    calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
+                                               pruning.runtime.seed)
+    data = recovery_data(config, model, tokenizer) if config.source.recover_data != "none" else None
+    clear_for_new_run(output, resume)
+
+    settings = {k: v for k, v in to_dict(config).items() if k not in ("output", "dry_run")}
+    state = Checkpoint(output)  # the stages done and their figures; prune and recover keep their own states
+    progress = state.load(settings)[0] if resume and state.exists() else {"done": [], "figures": {}, "reports": {}}
+    figures, reports = progress["figures"], progress["reports"]
+
+    def finish(stage: str, started: float, figure_name: str | None = None, model_now: nn.Module | None = None) -> None:
+        if figure_name and windows is not None and figure_name not in figures:
+            figures[figure_name] = measure(model_now or model, tokenizer, windows, config.evaluation, bf16)
+            figures[figure_name].pop("window_nll")
+        if stage not in progress["done"]:
+            reports.setdefault(stage, {})["seconds"] = round(time.perf_counter() - started, 2)
+            progress["done"].append(stage)
+        state.save(settings, progress, {})
+
+    def begin(index: int, stage: str) -> float:
+        estimate = next(s["seconds"] for s in stages if s["stage"] == stage)
+        say(f"[{index}/{len(stages)}] {stage}{' (done, restoring)' if stage in progress['done'] else ''} "
+            f"~{estimate:.0f} s")
+        return time.perf_counter()
+
+    names_in_plan = [s["stage"] for s in stages]
+    started = begin(1, "calibrate")
+    finish("calibrate", started, "dense")
+
+    started = begin(2, "prune")
+    result = prune(model, pruning, calibration=calibration, calibration_summary=summary,
+                   state_dir=output / "stages" / "prune", resume=resume)
+    masks = result.masks
+    finish("prune", started, "pruned")
+
+    if "reconstruct" in names_in_plan:
+        started = begin(names_in_plan.index("reconstruct") + 1, "reconstruct")
+        reports["reconstruct"] = reconstruct(model, masks, calibration, config.reconstruction,
+                                             micro_batch=pruning.micro_batch, bf16=bf16)
+        finish("reconstruct", started, "reconstructed")
+
+    if data is not None:
+        started = begin(names_in_plan.index("recover") + 1, "recover")
+        torch.manual_seed(pruning.runtime.seed)  # the LoRA initialisation
+        peft_model, _ = attach_lora(model, config.recovery.lora)
+        peft_model.train()
+        recovery_state = Checkpoint(output / "stages" / "recover")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        trained = train(peft_model, live_teacher(peft_model, masks, bf16), data, pad_id, config.recovery,
+                        pruning.runtime, recovery_state, settings, resume=recovery_state.exists(),
+                        keep_final_state=True)
+        model = peft_model.merge_and_unload().eval()
+        reports["recover"] = {**reports.get("recover", {}), "steps": trained["steps"], "tokens": trained["tokens"],
+                              "target_tokens": trained["target_tokens"], "first_loss": trained["log"][0]["loss"],
+                              "final_loss": trained["log"][-1]["loss"],
+                              "teacher": "live (same weights, adapters and masks off)"}
+        finish("recover", started, "recovered")
+
+    started = begin(names_in_plan.index("evaluate") + 1, "evaluate")
+    if names and "tasks" not in reports.get("evaluate", {}):
+        reports["evaluate"] = {"tasks": evaluate_tasks(model, tokenizer, selection, limit=config.tasks.limit,
+                                                       batch_size=config.evaluation.eval_batch_size, bf16=bf16,
+                                                       seed=pruning.runtime.seed)}
+    finish("evaluate", started)
+
+    begin(len(stages), "export")
+    report = {**result.report, "source_model": config.model.model, "compress": to_dict(config),
+              "stages": [{"stage": s, **reports.get(s, {})} for s in progress["done"]] + [{"stage": "export"}],
+              "evaluation": figures, "plan": stages}
+    export_pruned(model, tokenizer, masks, output, report=report, overwrite=True, padded=config.export.padded,
+                  extra=lambda tmp: plot_stages(figures, tmp / "stages.png") if figures else None)
+
+    achieved = report["achieved"]
+    print(f"\n{config.model.model} -> {output}  (compress: {', '.join(names_in_plan)})")
+    print(f"achieved ratio {achieved['ratio']:.4f} of total parameters; parameters {achieved['params_before']:,} -> "
+          f"{achieved['params_after']:,}")
+    if figures:
+        print("perplexity: " + " -> ".join(f"{name} {figure['ppl']:.2f}" for name, figure in figures.items()))
+    print(f"wrote {output}/ (pruning.json, README.md, model.safetensors{', stages.png' if figures else ''})")
+    return report

@@ -1,0 +1,74 @@
+"""Recipe `prune` (method `scoring`): SDMPrune and the baselines, from a model to an exported directory.
+
+    from sdmprune.recipes import prune
+    report = prune.run(prune.PruneRun.of(model="smollm2-135m", ratio=0.2, output="runs/p20"))
+
+Steps: check every input → load → plan → calibration → perplexity before → score and mask (resumable,
+state in the output directory) → perplexity after → export (rank 0; gathered first under FSDP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..checkpoint import clear_for_new_run, prepare_output
+from ..distributed import is_main, is_sharded, shard_model, world_size
+from ..export import export_pruned, unshard_for_export
+from ..masks import count_parameters
+from ..options import validate
+from ..pruning import PruneConfig, prune
+from ..schedule import check_plan, needs_calibration
+from .options import ParallelOptions, PruningRunOptions
+from .steps import calibration_windows, load, measure, perplexity_change, perplexity_windows
+
+FINISHED = "pruning.json"
+
+
+@dataclass
+class PruneRun(PruningRunOptions):
+    """Score MLP neurons with a criterion, remove the least important, export."""
+
+    pruning: PruneConfig = field(default_factory=PruneConfig)
+    parallel: ParallelOptions = field(default_factory=ParallelOptions)
+
+
+def run(config: PruneRun) -> dict:
+    """Prune and export; returns the report written to pruning.json."""
+    validate(config)
+    pruning, output = config.pruning, config.output.output
+    resume = prepare_output(output, overwrite=config.output.overwrite, resume=config.output.resume, finished=FINISHED)
+    model, tokenizer = load(config.model, device="cpu" if config.parallel.fsdp else None)
+    if config.parallel.fsdp:  # fully_shard moves each process's shard to its own GPU (or keeps it on the CPU)
+        shard_model(model)
+    before = count_parameters(model)
+    check_plan(model, pruning)
+    windows = perplexity_windows(config.evaluation, config.data, model, tokenizer)
+    calibration, summary = None, None
+    if needs_calibration(pruning, model):
+        calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
+                                                   pruning.runtime.seed)
+    evaluation = {}
+    if windows is not None:
+        evaluation["before"] = measure(model, tokenizer, windows, config.evaluation, pruning.runtime.bf16)
+    clear_for_new_run(output, resume)
+    result = prune(model, pruning, calibration=calibration, calibration_summary=summary, state_dir=output,
+                   resume=resume)
+    if windows is not None:
+        evaluation["after"] = measure(model, tokenizer, windows, config.evaluation, pruning.runtime.bf16)
+    report = {**result.report, "source_model": config.model.model, "evaluation": evaluation}
+    exported = unshard_for_export(model, result.masks) if is_sharded(model) else (model, result.masks)
+    if is_main():  # the output directory holds the run state until the export replaces it
+        export_model, export_masks = exported
+        export_pruned(export_model, tokenizer, export_masks, output, report=report, overwrite=True,
+                      padded=config.export.padded)
+        achieved = report["achieved"]
+        requested = ", ".join(f"{k} {v}" for k, v in report["requested"].items() if v is not None)
+        print(f"\n{config.model.model} -> {output}  ({report['method']}, {pruning.allocation.name}"
+              f"{f', {world_size()} processes' if world_size() > 1 else ''})")
+        print(f"requested {requested}; achieved ratio {achieved['ratio']:.4f} of total parameters, "
+              f"{achieved['mlp_ratio']:.4f} of MLP neurons")
+        print(f"parameters {before.total:,} -> {achieved['params_after']:,}; MLP width {before.widths[0]} -> "
+              f"{min(report['widths'])}")
+        print(perplexity_change(evaluation))
+        print(f"wrote {output}/ (pruning.json, README.md, model.safetensors)")
+    return report

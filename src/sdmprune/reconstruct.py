@@ -1,0 +1,347 @@
+"""Reconstruction: after the final masks are chosen, refit each pruned layer's kept down_proj weights.
+
+Layer l's down_proj W (H, I) keeps the columns S (k = |S| neurons). Its refit W' (H, k), and with
+`intercept` a bias b (H,), solve the ridge least-squares problem over the calibration tokens t
+
+    min Σ_t ‖T_t − W' u_t[S] − b‖² + λ‖W'‖²,   λ = damping · mean(diag G[S, S]),
+
+u_t the down_proj input (the neurons' outputs, (I,)) and T_t the layer's target (H,). With G = Σ u uᵀ and
+C = Σ T u[S]ᵀ the solution is W' = C (G[S, S] + λI)⁻¹; the intercept is fitted on centred sums (G and C
+less n·mean·meanᵀ, λ from the centred diagonal, b = mean(T) − W' mean(u[S])), so b is not damped. FLAP's
+bias compensation is the special case W' = W[:, S], b = W[:, removed] · mean(u[removed]).
+
+- `one-shot`: u from the dense model, T = W u, its own output: C = W G[:, S], so
+  W' = W G[:, S] (G[S, S] + λI)⁻¹ (the dense layer's best k-neuron approximation on dense inputs).
+- `sequential` (SparseGPT-style): the calibration hidden states are carried layer by layer through the
+  already pruned-and-refitted layers (a pruned stream) beside the dense model's (a dense stream); u comes
+  from the pruned stream and T corrects the accumulated drift, T = h_dense(l+1) − a_pruned(l), the dense
+  residual stream after layer l less the pruned residual stream before the MLP: the pruned model then tracks
+  the dense one on the same tokens (bench/results/reconstruct_check.md compares the targets).
+
+Both run the decoder layers one at a time on cached hidden states (layer 0's inputs and call keyword
+arguments captured once per micro-batch with an early stop): one pass over the model in total, and the
+fp64 sums of one layer in memory at a time. The refit goes into the masks (`NeuronMasks.down_weight`,
+`down_bias`), never into the model's weights: with the masks off the model stays exactly the dense one,
+and `export_pruned` writes the refit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .distributed import (
+    MicroBatch,
+    all_reduce_sum,
+    inference_context,
+    is_main,
+    is_sharded,
+    shard_windows,
+    world_size,
+)
+from .errors import SdmpruneError
+from .masks import NeuronMasks
+from .options import described
+from .runtime import autocast_context
+
+MODES = ("none", "one-shot", "sequential")
+JITTERS = (0.0, *(10.0**e for e in range(-12, -1)))  # added to λ, × mean diagonal, when Cholesky fails
+
+
+@dataclass
+class ReconstructConfig:
+    """Settings of the reconstruction stage; each field's help is the CLI's help (`--field-name`)."""
+
+    reconstruct: str = field(default="none", metadata=described(
+        "refit each pruned layer's kept down_proj weights by ridge least squares after the final masks: "
+        "none | one-shot (dense-model activations, targets the dense layer's output) | sequential (activations "
+        "of the pruned-and-refitted layers below, targets the dense residual stream: corrects the drift)"))
+    damping: float = field(default=1e-2, metadata=described(
+        "ridge λ relative to the mean diagonal of the kept neurons' Gram matrix (0 = plain least squares)"))
+    intercept: bool = field(default=False, metadata=described(
+        "also fit a down_proj bias (centred least squares; generalises FLAP's bias compensation); exported via "
+        "the config's mlp_bias, so Llama only"))
+
+    def validate(self) -> None:
+        if self.reconstruct not in MODES:
+            raise SdmpruneError(f"unknown reconstruction '{self.reconstruct}': choose {', '.join(MODES)}")
+        if not (math.isfinite(self.damping) and self.damping >= 0):
+            raise SdmpruneError(f"--damping must be a finite number >= 0, got {self.damping}")
+
+
+@dataclass
+class RefitStatistics:
+    """fp64 sums over n calibration tokens for one layer: inputs u[S] (k,) and targets T (H,)."""
+
+    gram: torch.Tensor  # (k, k) Σ u uᵀ
+    cross: torch.Tensor  # (H, k) Σ T uᵀ
+    inputs: torch.Tensor  # (k,) Σ u
+    targets: torch.Tensor  # (H,) Σ T
+    energy: torch.Tensor  # () Σ ‖T‖²
+    tokens: torch.Tensor  # () n, fp64 so that it reduces with the rest
+
+    @classmethod
+    def zeros(cls, k: int, hidden: int, device: torch.device) -> RefitStatistics:
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        return cls(zeros(k, k), zeros(hidden, k), zeros(k), zeros(hidden), zeros(), zeros())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.gram, self.cross, self.inputs, self.targets, self.energy, self.tokens]
+
+    def add(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add tokens: `inputs` (n, k) and `targets` (n, H), both fp64."""
+        self.gram += inputs.T @ inputs
+        self.cross += targets.T @ inputs
+        self.inputs += inputs.sum(0)
+        self.targets += targets.sum(0)
+        self.energy += targets.pow(2).sum()
+        self.tokens += inputs.shape[0]
+
+    def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+        """Σ_t ‖T_t − weight u_t − bias‖² for `weight` (H, k) and `bias` (H,) or None, fp64."""
+        error = self.energy - 2 * (weight * self.cross).sum() + ((weight @ self.gram) * weight).sum()
+        if bias is not None:
+            error += self.tokens * bias.pow(2).sum() - 2 * bias @ (self.targets - weight @ self.inputs)
+        return max(error.item(), 0.0)
+
+    def relative_error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+        return self.error(weight, bias) / max(self.energy.item(), torch.finfo(torch.float64).tiny)
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    """(cross (gram + λI)⁻¹ (H, k), the jitter used) for a PSD `gram` (k, k) and `cross` (H, k), in fp64, with
+    λ = damping · mean(diag gram).
+
+    Cholesky; an ill-conditioned Gram that is not numerically positive definite (dead neurons, damping 0) gets
+    the smallest jitter × mean diagonal of JITTERS that factorises, else the pseudo-inverse (jitter inf).
+    """
+    scale = gram.diagonal().mean().item() if gram.numel() else 0.0
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for jitter in JITTERS:
+        factor, info = torch.linalg.cholesky_ex(gram + (damping + jitter) * scale * eye)
+        if info.item() == 0 and scale > 0:
+            return torch.cholesky_solve(cross.T, factor).T, jitter
+    return cross @ torch.linalg.pinv(gram + damping * scale * eye, hermitian=True), math.inf
+
+
+def refit(stats: RefitStatistics, damping: float, intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The ridge solution (weight (H, k), bias (H,) or None, jitter) of `stats`; see the module docstring."""
+    if not intercept:
+        weight, jitter = ridge_solve(stats.gram, stats.cross, damping)
+        return weight, None, jitter
+    n = stats.tokens.clamp_min(1)
+    mean_u, mean_t = stats.inputs / n, stats.targets / n
+    weight, jitter = ridge_solve(stats.gram - n * torch.outer(mean_u, mean_u),
+                                 stats.cross - n * torch.outer(mean_t, mean_u), damping)
+    return weight, mean_t - weight @ mean_u, jitter
+
+
+# ----------------------------------------------------------------------------- the layer-by-layer pass
+
+
+class _Stop(Exception):
+    """Raised once the last decoder layer's arguments are recorded: the rest of the model is skipped."""
+
+
+def _skip(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return hidden_states
+
+
+def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[MicroBatch], device: torch.device,
+                  bf16: bool) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Per micro-batch: the hidden states (b, S, H) entering decoder layer 0, and every layer's keyword arguments
+    (attention mask and position embeddings, which differ between sliding-window and full layers, ...).
+
+    From one forward pass per micro-batch in which every decoder layer is skipped (its forward temporarily
+    returns its input) after a pre-hook records its arguments, stopped at the last layer.
+    """
+    hidden: list[torch.Tensor] = []
+    arguments: list[list[dict]] = []
+
+    def record(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            kwargs = dict(kwargs)
+            state = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                hidden.append(state)
+                arguments.append([])
+            arguments[-1].append(kwargs)
+            if index == len(layers) - 1:
+                raise _Stop
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance forward (accelerate's hooks) is kept
+    try:
+        for layer in layers:
+            layer.forward = _skip
+        for batch in batches:
+            with inference_context(model), autocast_context(device, bf16), suppress(_Stop):
+                model(input_ids=batch.ids.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, forward in zip(layers, own, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+    return hidden, arguments
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, model: nn.Module, bf16: bool) -> torch.Tensor:
+    """Decoder `layer` on `hidden` (b, S, H): its output hidden states (b, S, H)."""
+    with inference_context(model), autocast_context(hidden.device, bf16):
+        output = layer(hidden, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def _without(mlp: nn.Module) -> Iterator[None]:
+    """`mlp` outputs zeros inside the block (a forward hook), so its decoder layer returns the residual stream
+    before the MLP (a normalisation of the MLP output, as Gemma's, maps zero to zero)."""
+    handle = mlp.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _Inputs:
+    """The latest input of one linear (its forward pre-hook sees the masked input while masks are on)."""
+
+    def __init__(self, linear: nn.Module):
+        self.value: torch.Tensor | None = None
+        self._handle = linear.register_forward_pre_hook(self._record)
+
+    def _record(self, module: nn.Module, args: tuple) -> None:
+        self.value = args[0]
+
+    def take(self) -> torch.Tensor:
+        """The recorded input as (tokens, I) fp64."""
+        value, self.value = self.value, None
+        return value.flatten(0, -2).double()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+# Sequential targets T (tokens, H) from fp64 (tokens, H) tensors: W u on the dense and on the pruned stream (the
+# dense MLP's output there), the dense stream after the layer, and the pruned stream before the MLP.
+TARGETS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "drift": lambda dense_mlp, pruned_mlp, dense_next, pruned_mid: dense_next - pruned_mid,
+    "half-drift": lambda dense_mlp, pruned_mlp, dense_next, pruned_mid: (pruned_mlp + dense_next - pruned_mid) / 2,
+    "local": lambda dense_mlp, pruned_mlp, dense_next, pruned_mid: pruned_mlp,
+    "dense-output": lambda dense_mlp, pruned_mlp, dense_next, pruned_mid: dense_mlp,
+}
+
+
+def reconstruct(
+    model: nn.Module,
+    masks: NeuronMasks,
+    calibration: torch.Tensor,
+    config: ReconstructConfig | None = None,
+    *,
+    micro_batch: int = 1,
+    bf16: bool = False,
+    target: str = "drift",
+) -> dict:
+    """Refit the kept down_proj weights of every layer that lost neurons, into `masks` (see the module docstring).
+
+    `calibration`: (N, S) token ids, shared out over processes by micro-batches of `micro_batch` windows (the
+    sums are added with one all-reduce per layer). Sets `masks.down_weight[l]` ((H, I_l), removed columns zero,
+    the weight's dtype) and `masks.down_bias[l]` (the intercept, or None: a compensation bias is replaced) for
+    each layer with removed neurons, None for the others; the model's weights are not touched. `target` is the
+    sequential target (bench/reconstruct_check.py compares the others of TARGETS).
+
+    Returns a report: mode, damping, intercept, tokens, seconds, and per layer the kept width, the Cholesky
+    jitter and the relative squared error Σ‖T − W u − b‖² / Σ‖T‖² on the calibration tokens before (the plain
+    masked layer, with its compensation bias if any) and after the refit; `sequential` adds `drift`, the
+    relative squared distance Σ‖h_pruned − h_dense‖² / Σ‖h_dense‖² of the hidden states after each layer.
+    """
+    config = config or ReconstructConfig()
+    config.validate()
+    report = {"mode": config.reconstruct, "damping": config.damping, "intercept": config.intercept}
+    if config.reconstruct == "none":
+        return report
+    if is_sharded(model):
+        raise SdmpruneError("reconstruction of an FSDP-sharded model is not supported yet: run it without --fsdp")
+    architecture = masks.architecture
+    if config.intercept and architecture.bias_key is None:
+        raise SdmpruneError(f"'{model.config.model_type}' has no MLP-bias option to store the intercept in: "
+                            "reconstruct without --intercept")
+    if micro_batch < 1:
+        raise SdmpruneError(f"--micro-batch must be at least 1, got {micro_batch}")
+    if -(-calibration.shape[0] // micro_batch) < world_size():
+        raise SdmpruneError(f"{calibration.shape[0]} calibration windows in micro-batches of {micro_batch} for "
+                            f"{world_size()} processes: each process needs at least one")
+    sequential = config.reconstruct == "sequential"
+    start = time.perf_counter()
+    layers = architecture.decoder_layers(model)
+    mlps = architecture.mlps(model)
+    device = architecture.projections(mlps[0])[2].weight.device
+    dense, arguments = _layer_inputs(model, layers, shard_windows(calibration, micro_batch), device, bf16)
+    pruned = list(dense)  # the same tensors until the first pruned layer
+    rows = []
+    for index in tqdm(range(len(layers)), desc="reconstruct", unit="layer", disable=not is_main()):
+        layer, down, keep = layers[index], architecture.projections(mlps[index])[2], masks.keep[index]
+        kept = torch.nonzero(keep).flatten()
+        weight = down.weight.detach().double()  # (H, I)
+        stats = RefitStatistics.zeros(kept.numel(), weight.shape[0], device) if kept.numel() < keep.numel() else None
+        recorder = _Inputs(down)
+        try:
+            for i, kwargs in enumerate(a[index] for a in arguments):
+                with masks.disabled():
+                    dense_next = _run_layer(layer, dense[i], kwargs, model, bf16)
+                    if stats is not None and sequential:
+                        dense_mlp = recorder.take() @ weight.T
+                        with _without(mlps[index]):
+                            pruned_mid = _run_layer(layer, pruned[i], kwargs, model, bf16).flatten(0, -2).double()
+                        u = recorder.take()
+                        stats.add(u[:, kept], TARGETS[target](dense_mlp, u @ weight.T,
+                                                              dense_next.flatten(0, -2).double(), pruned_mid))
+                    elif stats is not None:
+                        u = recorder.take()
+                        stats.add(u[:, kept], u @ weight.T)
+                dense[i] = dense_next
+        finally:
+            recorder.remove()
+        row = {"layer": index, "kept": kept.numel()}
+        masks.down_weight[index] = None
+        if stats is not None:
+            all_reduce_sum(stats.tensors())
+            old_bias = masks.down_bias[index]
+            row["error_before"] = stats.relative_error(weight[:, kept], None if old_bias is None else old_bias.double())
+            fitted, bias, jitter = refit(stats, config.damping, config.intercept)
+            row.update(error_after=stats.relative_error(fitted, bias), jitter=jitter)
+            masks.down_weight[index] = torch.zeros_like(weight).index_copy_(1, kept, fitted).to(down.weight.dtype)
+            masks.down_bias[index] = None if bias is None else bias.to(down.weight.dtype)
+        else:
+            masks.down_bias[index] = None
+        if sequential:
+            pruned = [_run_layer(layer, hidden, kwargs[index], model, bf16) for hidden, kwargs in zip(pruned, arguments,
+                                                                                                    strict=True)]
+            row["drift"] = _relative_distance(pruned, dense)
+        rows.append(row)
+    report.update(tokens=calibration.numel(), seconds=time.perf_counter() - start, layers=rows)
+    return report
+
+
+def _relative_distance(pruned: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
+    """Σ‖p − d‖² / Σ‖d‖² over all processes' hidden states (fp64)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=dense[0].device)
+    for p, d in zip(pruned, dense, strict=True):
+        d = d.double()
+        sums += torch.stack([(p.double() - d).pow(2).sum(), d.pow(2).sum()])
+    all_reduce_sum([sums])
+    return (sums[0] / sums[1].clamp_min(torch.finfo(torch.float64).tiny)).item()

@@ -1,0 +1,112 @@
+"""`compress`: the plan, the live teacher (the dense model in the student's own weights), and a run killed in
+every stage that resumes to the same export, byte for byte."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from sdmprune.config import LoraOptions
+from sdmprune.errors import SdmpruneError
+from sdmprune.lora import attach_lora
+from sdmprune.masks import NeuronMasks
+from sdmprune.reconstruct import ReconstructConfig, reconstruct
+from sdmprune.recipes import compress
+from sdmprune.recovery.data import collate, text_windows
+
+DATA_DIR = Path(os.environ.get("SDMPRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+schedule = importlib.import_module("sdmprune.schedule")
+finetune_module = importlib.import_module("sdmprune.recovery.finetune")
+
+
+def options(model: Path, text: Path, output: Path, **extra) -> dict:
+    return dict(model=str(model), mlp_ratio=0.5, cold_start=0.1, calib=str(text), calib_samples=4, calib_seq_len=32,
+                reconstruct="one-shot", recover_data=str(text), recover_tokens=256, max_len=32, batch_size=2,
+                grad_accum=1, save_every=1, ppl_data=str(text), seq_len=32, max_tokens=0, bf16=False,
+                tasks="boolq", limit=2, data_dir=str(DATA_DIR), output=str(output), **extra)
+
+
+def test_live_teacher_is_the_dense_model_after_reconstruction_and_training():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        dense = model(input_ids=ids).logits
+    masks = NeuronMasks(model, [torch.arange(64) % 2 == 0] * 2)
+    reconstruct(model, masks, ids, ReconstructConfig("one-shot", 1e-2, intercept=True))
+    peft_model, _ = attach_lora(model, LoraOptions(lora_dropout=0.0, lora_targets="q_proj,gate_proj"))
+    with torch.no_grad():  # a trained adapter: nonzero B matrices
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    batch = collate(text_windows(ids), [0, 1, 2], pad_id=0)
+    teacher = compress.live_teacher(peft_model, masks, bf16=False)(batch)
+    assert torch.equal(teacher, dense[:, :-1].reshape(-1, dense.shape[-1]))  # exactly, not approximately
+    with torch.inference_mode():
+        student = peft_model(input_ids=ids).logits
+    assert not torch.allclose(student, dense, atol=1e-3)  # the student itself is the pruned, adapted model
+    assert masks.enabled
+
+
+def test_dry_run_plans_the_stages_the_run_executes(saved_model, text_file, tmp_path, capsys):
+    settings = options(saved_model, text_file, tmp_path / "out")
+    plan = compress.run(compress.CompressRun.of(**settings, dry_run=True))["plan"]
+    assert "1. calibrate" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    report = compress.run(compress.CompressRun.of(**settings))
+    assert [s["stage"] for s in plan] == [s["stage"] for s in report["stages"]] == list(compress.STAGES)
+    record = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    assert list(record["evaluation"]) == ["dense", "pruned", "reconstructed", "recovered"]
+    assert record["stages"][3]["teacher"].startswith("live") and record["stages"][3]["steps"] == 4
+    assert (tmp_path / "out" / "stages.png").stat().st_size > 0 and not (tmp_path / "out" / "stages").exists()
+    recovery = record["stages"][3]
+    assert recovery["final_loss"] < recovery["first_loss"]  # the KL to the dense model went down
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_in(stage: str, monkeypatch) -> None:
+    """Make the next run die inside `stage` (mid-way where the stage saves progress)."""
+    if stage == "prune":  # after the cold start's step was saved
+        original, calls = schedule.compute_scores, []
+
+        def scores(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise Killed
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(schedule, "compute_scores", scores)
+    elif stage == "recover":  # after step 2 of 4 was saved
+        save = finetune_module.save_training_state
+
+        def save_then_die(checkpoint, settings, model, optimizer, scheduler, step, *rest):
+            save(checkpoint, settings, model, optimizer, scheduler, step, *rest)
+            if step == 2:
+                raise Killed
+
+        monkeypatch.setattr(finetune_module, "save_training_state", save_then_die)
+    else:
+        target = {"reconstruct": "reconstruct", "evaluate": "evaluate_tasks", "export": "export_pruned"}[stage]
+        monkeypatch.setattr(compress, target, lambda *a, **k: (_ for _ in ()).throw(Killed))
+
+
+@pytest.mark.parametrize("stage", ["prune", "reconstruct", "recover", "evaluate", "export"])
+def test_killed_in_any_stage_resumes_to_the_same_export(stage, saved_model, text_file, tmp_path, monkeypatch):
+    compress.run(compress.CompressRun.of(**options(saved_model, text_file, tmp_path / "straight")))
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        kill_in(stage, patch)
+        with pytest.raises(Killed):
+            compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed)))
+    with pytest.raises(SdmpruneError, match="interrupted run"):
+        compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed)))
+    compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed), resume=True))
+    for name in ("model.safetensors", "config.json"):
+        assert (killed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name

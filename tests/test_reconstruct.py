@@ -1,0 +1,217 @@
+"""Reconstruction: the refit is the ridge least-squares solution on the calibration activations, it lives in the
+masks (masks off = the dense model, bit for bit), and the export writes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
+
+import sdmprune.reconstruct as reconstruction
+from sdmprune import SdmpruneError, export_pruned
+from sdmprune.masks import NeuronMasks
+from sdmprune.reconstruct import ReconstructConfig, RefitStatistics, reconstruct, refit, ridge_solve
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
+
+CALIBRATION = torch.randint(0, VOCAB, (6, 24), generator=torch.Generator().manual_seed(2))  # 144 tokens > width 64
+IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+REPORT = {"method": "manual", "requested": {"ratio": None, "mlp_ratio": 0.4}, "seed": 0, "widths_before": [64, 64],
+          "achieved": {"ratio": 0.0, "mlp_ratio": 0.4, "params_before": 0, "params_after": 0}}
+
+
+def logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=IDS).logits
+
+
+def random_masks(model, keep_fraction: float = 0.6, seed: int = 0, layers: tuple[int, ...] = (0, 1)) -> NeuronMasks:
+    """Keep the first round(keep_fraction·64) of a random permutation in each of `layers`; the others stay whole."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for layer in range(2):
+        mask = torch.ones(64, dtype=torch.bool)
+        if layer in layers:
+            mask[torch.randperm(64, generator=generator)[round(keep_fraction * 64):]] = False
+        keep.append(mask)
+    return NeuronMasks(model, keep)
+
+
+def dense_down_inputs(model, masks: NeuronMasks) -> list[torch.Tensor]:
+    """Each layer's down_proj input over CALIBRATION in the dense model (masks off), (tokens, I) fp64."""
+    downs = [layer.mlp.down_proj for layer in model.model.layers]
+    captured: list[list[torch.Tensor]] = [[] for _ in downs]
+    handles = [down.register_forward_pre_hook(lambda m, a, i=i: captured[i].append(a[0].flatten(0, -2).double()))
+               for i, down in enumerate(downs)]
+    with masks.disabled(), torch.inference_mode():
+        model(input_ids=CALIBRATION)
+    for handle in handles:
+        handle.remove()
+    return [torch.cat(parts) for parts in captured]
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-2])
+@pytest.mark.parametrize("intercept", [False, True])
+def test_one_shot_refit_is_ridge_least_squares_on_captured_activations(damping, intercept):
+    model = tiny_model("llama")
+    masks = random_masks(model)
+    report = reconstruct(model, masks, CALIBRATION, ReconstructConfig("one-shot", damping, intercept), micro_batch=4)
+    assert report["tokens"] == CALIBRATION.numel() and len(report["layers"]) == 2
+    for layer, (u, down) in enumerate(zip(dense_down_inputs(model, masks), (lay.mlp.down_proj for lay in
+                                                                             model.model.layers), strict=True)):
+        kept = torch.nonzero(masks.keep[layer]).flatten()
+        target = u @ down.weight.double().T  # (tokens, H): the dense layer's output
+        regressors = u[:, kept]
+        if intercept:  # centred data: the intercept is not damped
+            regressors, target = regressors - regressors.mean(0), target - target.mean(0)
+        lam = damping * regressors.pow(2).sum(0).mean()  # damping × mean diagonal of the Gram
+        # ridge as plain least squares on rows augmented with sqrt(λ)·I
+        a = torch.cat([regressors, lam.sqrt() * torch.eye(kept.numel(), dtype=torch.float64)])
+        b = torch.cat([target, torch.zeros(kept.numel(), target.shape[1], dtype=torch.float64)])
+        expected = torch.linalg.lstsq(a, b).solution.T  # (H, k)
+        refitted = masks.down_weight[layer]
+        assert refitted.dtype == down.weight.dtype and refitted.shape == down.weight.shape
+        assert not refitted[:, ~masks.keep[layer]].any()
+        torch.testing.assert_close(refitted[:, kept].double(), expected, rtol=1e-5, atol=1e-6)
+        if intercept:
+            bias = (u @ down.weight.double().T).mean(0) - expected @ u[:, kept].mean(0)
+            torch.testing.assert_close(masks.down_bias[layer].double(), bias, rtol=1e-5, atol=1e-6)
+        else:
+            assert masks.down_bias[layer] is None
+        row = report["layers"][layer]
+        assert row["error_after"] < row["error_before"] and row["jitter"] == 0.0
+
+
+def test_nothing_removed_gives_back_w_up_to_the_damping():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(512, 16, generator=generator, dtype=torch.float64)  # a well-conditioned (16, 16) Gram
+    weight = torch.randn(8, 16, generator=generator, dtype=torch.float64)
+    stats = RefitStatistics.zeros(16, 8, torch.device("cpu"))
+    stats.add(inputs, inputs @ weight.T)
+    exact, bias, _ = refit(stats, 0.0, intercept=False)
+    torch.testing.assert_close(exact, weight, rtol=1e-10, atol=1e-10)
+    assert bias is None and stats.relative_error(exact, None) < 1e-12  # the expanded sums cancel to fp64 rounding
+    for damping in (1e-3, 1e-2):  # ridge shrinks W by at most λ / (λ + smallest eigenvalue)
+        damped, bias, _ = refit(stats, damping, intercept=True)
+        assert (damped - weight).norm() / weight.norm() < 2 * damping
+        assert bias.abs().max() < 2 * damping
+
+
+def test_a_whole_layer_is_left_alone():
+    model = tiny_model("llama")
+    masks = random_masks(model, layers=(0,))
+    report = reconstruct(model, masks, CALIBRATION, ReconstructConfig("one-shot"))
+    assert masks.down_weight[1] is None and masks.down_bias[1] is None and masks.down_weight[0] is not None
+    assert report["layers"][1] == {"layer": 1, "kept": 64}
+
+
+def test_ill_conditioned_gram_is_solved():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(64, 6, generator=generator, dtype=torch.float64)
+    inputs = torch.cat([inputs, inputs[:, :1], torch.zeros(64, 1, dtype=torch.float64)], 1)  # a copy, a dead one
+    target = torch.randn(64, 3, generator=generator, dtype=torch.float64)
+    weight, jitter = ridge_solve(inputs.T @ inputs, target.T @ inputs, 0.0)
+    assert 0 < jitter < 1e-6 and torch.isfinite(weight).all()
+    best = torch.linalg.lstsq(inputs, target, driver="gelsd").solution.T
+    residual = (target - inputs @ weight.T).norm()
+    assert residual <= (target - inputs @ best.T).norm() * (1 + 1e-6)
+    assert not weight[:, -1].any()  # the dead neuron gets no weight
+    zero, jitter = ridge_solve(torch.zeros(2, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64), 0.1)
+    assert jitter == float("inf") and not zero.any()
+
+
+def test_sequential_equals_one_shot_when_one_layer_is_pruned():
+    """Every layer below the pruned one is whole, so its inputs are the dense ones, there is no drift to correct,
+    and the sequential target is the dense layer's output."""
+    weights = {}
+    for mode in ("one-shot", "sequential"):
+        model = tiny_model("llama")
+        masks = random_masks(model, layers=(1,))
+        report = reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode, 1e-2, intercept=True), micro_batch=2)
+        weights[mode] = (masks.down_weight[1], masks.down_bias[1], report["layers"][1]["error_after"])
+    # equal up to the rounding of the fp32 residual stream, from which the sequential target is read
+    torch.testing.assert_close(weights["sequential"][0], weights["one-shot"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weights["sequential"][1], weights["one-shot"][1], rtol=1e-4, atol=1e-5)
+    assert weights["sequential"][2] == pytest.approx(weights["one-shot"][2], rel=1e-4)
+
+
+def test_sequential_tracks_the_dense_model_better_on_its_calibration():
+    distances = {}
+    for mode in ("one-shot", "sequential"):
+        model = tiny_model("llama", num_hidden_layers=3)
+        keep = [torch.arange(64) % 3 != 0] * 3
+        masks = NeuronMasks(model, keep)
+        reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode, 1e-3))
+        with torch.inference_mode():
+            hidden = model.model(input_ids=CALIBRATION).last_hidden_state
+            with masks.disabled():
+                dense = model.model(input_ids=CALIBRATION).last_hidden_state
+        distances[mode] = ((hidden - dense).pow(2).sum() / dense.pow(2).sum()).item()
+    assert distances["sequential"] < distances["one-shot"]
+
+
+@pytest.mark.parametrize("mode", ["one-shot", "sequential"])
+def test_masks_off_is_exactly_the_dense_model_after_reconstruction(mode):
+    model = tiny_model("llama")
+    dense = logits(model)
+    masks = random_masks(model)
+    plain = logits(model)
+    reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode, intercept=True), bf16=mode == "sequential")
+    refitted = logits(model)
+    assert not torch.equal(refitted, plain) and not torch.equal(refitted, dense)
+    with masks.disabled():
+        assert torch.equal(logits(model), dense)
+    masks.remove()
+    assert torch.equal(logits(model), dense)
+
+
+@pytest.mark.parametrize("mode", ["one-shot", "sequential"])
+def test_exported_model_computes_the_refitted_one(arch, mode, tokenizer, tmp_path):
+    model = tiny_model(arch)
+    masks = random_masks(model)
+    reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode))
+    expected = logits(model)
+    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=REPORT)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert reloaded.config.intermediate_size == masks.widths[0] == 38
+    assert (logits(reloaded) - expected).abs().max().item() <= 1e-4
+
+
+def test_exported_llama_carries_the_intercept(tokenizer, tmp_path):
+    model = tiny_model("llama")
+    masks = random_masks(model)
+    reconstruct(model, masks, CALIBRATION, ReconstructConfig("sequential", intercept=True))
+    expected = logits(model)
+    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=REPORT)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert reloaded.config.mlp_bias
+    torch.testing.assert_close(reloaded.model.layers[0].mlp.down_proj.bias, masks.down_bias[0])
+    assert (logits(reloaded) - expected).abs().max().item() <= 1e-4
+
+
+def test_same_inputs_give_a_bit_identical_refit():
+    results = []
+    for _ in range(2):
+        model = tiny_model("qwen3")
+        masks = random_masks(model)
+        reconstruct(model, masks, CALIBRATION, ReconstructConfig("sequential", 1e-3), micro_batch=4)
+        results.append(masks.down_weight)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_refusals(monkeypatch):
+    model = tiny_model("mistral")
+    masks = random_masks(model)
+    with pytest.raises(SdmpruneError, match="no MLP-bias option"):
+        reconstruct(model, masks, CALIBRATION, ReconstructConfig("one-shot", intercept=True))
+    with pytest.raises(SdmpruneError, match="unknown reconstruction 'greedy'"):
+        reconstruct(model, masks, CALIBRATION, ReconstructConfig("greedy"))
+    with pytest.raises(SdmpruneError, match="--damping"):
+        reconstruct(model, masks, CALIBRATION, ReconstructConfig("one-shot", -1.0))
+    monkeypatch.setattr(reconstruction, "is_sharded", lambda model: True)
+    with pytest.raises(SdmpruneError, match="FSDP"):
+        reconstruct(model, masks, CALIBRATION, ReconstructConfig("one-shot"))
+    assert reconstruct(model, masks, CALIBRATION, ReconstructConfig("none")) == \
+        {"mode": "none", "damping": 1e-2, "intercept": False}
+    assert masks.down_weight == [None, None]
