@@ -38,27 +38,32 @@ RESULTS = Path(__file__).parent / "results"
 RATIOS = (0.3, 0.4)
 DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT = ReconstructConfig()
+WINNER = "half-drift"
 
 
 def configurations() -> list[dict]:
-    """Every (ratio, mode, target, damping, intercept) to measure, the most informative first."""
+    """Every (ratio, mode, target, damping, intercept, normalised) to measure, the most informative first."""
+    def run(ratio: float, mode: str, target: str | None = None, damping: float | None = DEFAULT.damping,
+            intercept: bool = False, normalised: bool = False) -> dict:
+        return dict(ratio=ratio, mode=mode, target=target, damping=damping, intercept=intercept, normalised=normalised)
+
     runs = []
     for ratio in RATIOS:
-        runs.append(dict(ratio=ratio, mode="none", target=None, damping=None, intercept=False))
-        for mode in ("one-shot", "sequential"):
-            for intercept in (False, True):
-                runs.append(dict(ratio=ratio, mode=mode, target="drift" if mode == "sequential" else None,
-                                 damping=DEFAULT.damping, intercept=intercept))
-        runs += [dict(ratio=ratio, mode="sequential", target=target, damping=DEFAULT.damping, intercept=False)
-                 for target in TARGETS if target != "drift"]
-    for mode in ("one-shot", "sequential"):
-        runs += [dict(ratio=RATIOS[0], mode=mode, target="drift" if mode == "sequential" else None, damping=damping,
-                      intercept=False) for damping in DAMPINGS if damping != DEFAULT.damping]
+        runs.append(run(ratio, "none", damping=None))
+        runs += [run(ratio, "one-shot"), run(ratio, "one-shot", intercept=True)]
+        targets = TARGETS if ratio == RATIOS[0] else ("drift", WINNER, "local")  # the whole family at 30%
+        runs += [run(ratio, "sequential", target) for target in targets]
+        runs.append(run(ratio, "sequential", WINNER, intercept=True))
+    runs += [run(RATIOS[0], "sequential", "drift", intercept=True), run(RATIOS[0], "one-shot", normalised=True),
+             run(RATIOS[0], "sequential", WINNER, normalised=True)]
+    for mode, target in (("one-shot", None), ("sequential", WINNER)):
+        runs += [run(RATIOS[0], mode, target, damping) for damping in DAMPINGS if damping != DEFAULT.damping]
     return runs
 
 
 def key(run: dict) -> str:
-    return f"{run['ratio']}|{run['mode']}|{run['target']}|{run['damping']}|{run['intercept']}"
+    return (f"{run['ratio']}|{run['mode']}|{run['target']}|{run['damping']}|{run['intercept']}|"
+            f"{run.get('normalised', False)}")
 
 
 def wanda_norms(model, calibration: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:
@@ -133,25 +138,29 @@ def markdown(record: dict) -> str:
         f"Dense PPL {record['dense_ppl']:.2f}. Peak memory: resident memory above the stage's start (the model "
         "itself excluded).",
         "",
-        "| ratio | reconstruction | target | damping | intercept | WikiText-2 PPL | seconds | peak MiB | "
-        "mean layer error before → after | final drift |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ratio | reconstruction | target | damping | intercept | token weights | WikiText-2 PPL | seconds | "
+        "peak MiB | mean layer error before → after | final drift |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in record["runs"]:
-        errors = f"{run['error_before']:.3f} → {run['error_after']:.3f}" if "error_after" in run else ""
+        if run["mode"] == "none":
+            lines.append(f"| {run['ratio']} | none |  |  |  |  | {run['ppl']:.1f} |  |  |  |  |")
+            continue
+        errors = f"{run['error_before']:.3f} → {run['error_after']:.3f}"
         drift = f"{run['final_drift']:.4f}" if "final_drift" in run else ""
         lines.append(
-            f"| {run['ratio']} | {run['mode']} | {run['target'] or ''} | {run['damping'] if run['damping'] else ''} | "
-            f"{'yes' if run['intercept'] else 'no'} | {run['ppl']:.1f} | "
-            f"{run['seconds']:.0f} | {run['peak_mib']:.0f} | {errors} | {drift} |" if run["mode"] != "none" else
-            f"| {run['ratio']} | none |  |  |  | {run['ppl']:.1f} |  |  |  |  |"
+            f"| {run['ratio']} | {run['mode']} | {run['target'] or ''} | {run['damping']:g} | "
+            f"{'yes' if run['intercept'] else 'no'} | {'1/ms(h)' if run.get('normalised') else '1'} | "
+            f"{run['ppl']:.1f} | {run['seconds']:.0f} | {run['peak_mib']:.0f} | {errors} | {drift} |"
         )
     lines += [
         "",
         "Layer error: Σ‖T − W u − b‖² / Σ‖T‖² on the calibration tokens, T the layer's target (one-shot: the dense "
         "layer's output on dense inputs; sequential: the target named), averaged over layers; before = the plain "
         "masked layer. Final drift (sequential): Σ‖h_pruned − h_dense‖² / Σ‖h_dense‖² of the last layer's output "
-        "on the calibration tokens.",
+        "on the calibration tokens. Token weights 1/ms(h): each token's squared error weighted by 1 / mean(h²) of "
+        "the dense hidden state after the layer (the scale the next RMSNorm divides by), i.e. errors as the next "
+        "layer's normalisation sees them.",
         "",
         f"Command: `{record['command']}`",
         "",
@@ -198,7 +207,7 @@ def main() -> None:
                 config = ReconstructConfig(run["mode"], run["damping"], run["intercept"])
                 with PeakMemory() as memory:
                     report = reconstruct(model, masks, calibration, config, micro_batch=args.micro_batch,
-                                         target=run["target"] or "drift")
+                                         target=run["target"] or "drift", normalised=run["normalised"])
                 rows = report["layers"]
                 run.update(seconds=report["seconds"], peak_mib=memory.above_start_mib,
                            error_before=sum(r["error_before"] for r in rows) / len(rows),

@@ -235,6 +235,17 @@ def test_uniform_heads_removed(tmp_path):
             assert (logits(read_back(path)) - expected).abs().max().item() <= 1e-4
 
 
+def test_mistral_is_written_as_llama_with_its_window_as_context(tmp_path):
+    """llama.cpp's `llama` graph attends to the whole context; within Mistral's sliding window that is the same
+    function, so the window caps the context length. (Named so: transformers reads a general.name containing
+    "mistral" as its own mistral type, which its GGUF loader lacks.)"""
+    model = tiny("mistral", sliding_window=64)
+    path = export_gguf(save(model, tmp_path / "windowed"), tmp_path / "windowed.gguf", dtype="f32", verify=True)
+    reader = GGUFReader(path)
+    assert (field(reader, "general.architecture"), field(reader, "llama.context_length")) == ("llama", 64)
+    assert (logits(read_back(path)) - logits(model)).abs().max().item() <= 1e-4
+
+
 def test_tokenizer_is_copied_from_the_source_gguf(tmp_path):
     """A model that came from a GGUF file (pruning.json's source_model) gets that file's tokenizer.* keys, byte for
     byte; a tokenizer of another size is refused."""
@@ -309,3 +320,19 @@ def test_failure_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         export_gguf(out, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-export"]
+
+
+def test_prune_with_gguf_rounds_widths_for_llama_cpp_and_writes_the_file(saved_model, tmp_path, capsys):
+    """`prune --gguf TYPE` writes the GGUF beside the export; without --width-multiple widths become multiples of
+    32 (llama.cpp's kernels); `sdmprune gguf DIR` converts an existing export."""
+    from sdmprune.cli import main
+
+    argv = ["prune", "--model", str(saved_model), "--mlp-ratio", "0.3", "--criterion", "magnitude", "--ppl-data",
+            "none", "--gguf", "f32"]
+    assert main([*argv, "--output", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "pruning.json").read_text())
+    assert record["widths"] == [32, 32] and (tmp_path / "a" / "a-f32.gguf").stat().st_size > 0
+    assert main([*argv, "--width-multiple", "8", "--output", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "pruning.json").read_text())["widths"] == [40, 40]
+    assert main(["gguf", str(tmp_path / "b"), "--gguf", "q8_0", "--gguf-path", str(tmp_path / "b.gguf")]) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "b.gguf").is_file()

@@ -1,4 +1,6 @@
-"""Command line: `sdmprune compress | prune | finetune | eval | inspect` (each has --help). Parse → config → recipe."""
+"""Command line: `sdmprune compress | prune | finetune | eval | inspect | gguf` (each has --help).
+
+Parse → config → recipe: no pipeline logic here."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ EXAMPLES = {
                 "--output runs/p20-lora",
     "eval": "sdmprune eval --model runs/p20 --tasks sdmprune --limit 200 --output runs/p20-eval",
     "inspect": "sdmprune inspect runs/p20",
+    "gguf": "sdmprune gguf runs/p20 --gguf q8_0 (then: llama-cli -m runs/p20/p20-q8_0.gguf)",
 }
 
 

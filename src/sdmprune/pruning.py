@@ -29,7 +29,8 @@ class PruneConfig:
     target: TargetOptions = field(default_factory=TargetOptions)
     criterion: Criterion = registered(CRITERIA, "sdmprune", "importance criterion")
     allocation: Allocation = registered(ALLOCATIONS, "uniform", "how the kept neurons are spread over layers")
-    width_multiple: int = field(default=1, metadata=described("round kept widths down to a multiple of this (e.g. 64)"))
+    width_multiple: int | None = field(default=None, metadata=described(
+        "round kept widths down to a multiple of this (default: 32 with --gguf, for llama.cpp; else 1)"))
     steps: int = field(default=1, metadata=described(
         "prune-and-rescore steps of the (distillation) stage; 1 = one shot, as the paper"))
     bias_compensation: bool | None = field(default=None, metadata=described(
@@ -41,7 +42,7 @@ class PruneConfig:
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch", "width_multiple"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SdmpruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 

@@ -97,14 +97,18 @@ class RefitStatistics:
     def tensors(self) -> list[torch.Tensor]:
         return [self.gram, self.cross, self.inputs, self.targets, self.energy, self.tokens]
 
-    def add(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add tokens: `inputs` (n, k) and `targets` (n, H), both fp64."""
-        self.gram += inputs.T @ inputs
-        self.cross += targets.T @ inputs
-        self.inputs += inputs.sum(0)
-        self.targets += targets.sum(0)
-        self.energy += targets.pow(2).sum()
-        self.tokens += inputs.shape[0]
+    def add(self, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add tokens: `inputs` (n, k) and `targets` (n, H), both fp64, each token weighted by `weights` (n,)
+        (None: 1; `tokens` then sums the weights)."""
+        if weights is None:
+            weights = torch.ones(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
+        weighted = inputs * weights[:, None]
+        self.gram += weighted.T @ inputs
+        self.cross += targets.T @ weighted
+        self.inputs += weighted.sum(0)
+        self.targets += weights @ targets
+        self.energy += weights @ targets.pow(2).sum(1)
+        self.tokens += weights.sum()
 
     def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
         """Σ_t ‖T_t − weight u_t − bias‖² for `weight` (H, k) and `bias` (H,) or None, fp64."""
@@ -238,10 +242,20 @@ class _Inputs:
 
 # Sequential targets T (tokens, H) from fp64 (tokens, H) tensors: W u on the dense and on the pruned stream (the
 # dense MLP's output there), the dense stream after the layer, and the pruned stream before the MLP.
-TARGETS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "drift": lambda dense_mlp, pruned_mlp, dense_next, pruned_mid: dense_next - pruned_mid,
-    "half-drift": lambda dense_mlp, pruned_mlp, dense_next, pruned_mid: (pruned_mlp + dense_next - pruned_mid) / 2,
-    "local": lambda dense_mlp, pruned_mlp, dense_next, pruned_mid: pruned_mlp,
+def _blend(beta: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(1 − β)·(the dense layer on the pruned stream) + β·(what makes the pruned stream the dense one)."""
+    def target(dense_mlp, pruned_mlp, dense_next, pruned_mid):
+        return (1 - beta) * pruned_mlp + beta * (dense_next - pruned_mid)
+
+    return target
+
+
+TARGETS = {
+    "drift": _blend(1.0),
+    "three-quarter-drift": _blend(0.75),
+    "half-drift": _blend(0.5),
+    "quarter-drift": _blend(0.25),
+    "local": _blend(0.0),
     "dense-output": lambda dense_mlp, pruned_mlp, dense_next, pruned_mid: dense_mlp,
 }
 
@@ -255,6 +269,7 @@ def reconstruct(
     micro_batch: int = 1,
     bf16: bool = False,
     target: str = "drift",
+    normalised: bool = False,
 ) -> dict:
     """Refit the kept down_proj weights of every layer that lost neurons, into `masks` (see the module docstring).
 
@@ -308,11 +323,13 @@ def reconstruct(
                         with _without(mlps[index]):
                             pruned_mid = _run_layer(layer, pruned[i], kwargs, model, bf16).flatten(0, -2).double()
                         u = recorder.take()
-                        stats.add(u[:, kept], TARGETS[target](dense_mlp, u @ weight.T,
-                                                              dense_next.flatten(0, -2).double(), pruned_mid))
+                        following = dense_next.flatten(0, -2).double()
+                        stats.add(u[:, kept], TARGETS[target](dense_mlp, u @ weight.T, following, pruned_mid),
+                                  1 / following.pow(2).mean(1) if normalised else None)
                     elif stats is not None:
                         u = recorder.take()
-                        stats.add(u[:, kept], u @ weight.T)
+                        stats.add(u[:, kept], u @ weight.T,
+                                  1 / dense_next.flatten(0, -2).double().pow(2).mean(1) if normalised else None)
                 dense[i] = dense_next
         finally:
             recorder.remove()

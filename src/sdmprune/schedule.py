@@ -45,7 +45,7 @@ def check_plan(model: nn.Module, config) -> list[Step]:
         raise SdmpruneError(f"'{model.config.model_type}' has no MLP-bias option to store the compensation bias "
                             "in: pass --no-bias-compensation")
     early_check = "uniform" if config.allocation.needs_scores else config.allocation
-    allocate_widths(count, steps[-1].budget, allocation=early_check, width_multiple=config.width_multiple)
+    allocate_widths(count, steps[-1].budget, allocation=early_check, width_multiple=config.width_multiple or 1)
     return steps
 
 
@@ -99,7 +99,7 @@ def run_schedule(
         run.history.append(list(masks.keep))  # masks.update replaces the tensors: no copy needed
         scores = compute_scores(criterion, context, step)
         widths = allocate_widths(count, step.budget, allocation=config.allocation,
-                                 width_multiple=config.width_multiple, scores=scores)
+                                 width_multiple=config.width_multiple or 1, scores=scores)
         masks.update(broadcast_masks(keep_top(scores, widths)))  # rank 0 decides for every process
         log.append({"step": index + 1, "stage": step.stage, **step.settings, "widths": widths,
                     "seconds": round(time.perf_counter() - start, 3)})

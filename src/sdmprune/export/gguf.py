@@ -153,7 +153,7 @@ def export_gguf(
                           f"and were written f16, not {dtype} (e.g. {fallback[0]}): prune with --width-multiple 32",
                           stacklevel=2)
         if verify:
-            _verify(tmp, tensors, types, {key: value for key, value in writer.kv_data[0].items()})
+            _verify(tmp, tensors, types, dict(writer.kv_data[0]))
     return output
 
 
@@ -177,10 +177,10 @@ def _rope_factors(model: torch.nn.Module, head_dim: int) -> np.ndarray | None:
     config = model.config
     parameters = getattr(config, "rope_parameters", None) or {}
     rope_type = parameters.get("rope_type", "default")
-    if rope_type not in _ROPE_TYPES or getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-        raise SdmpruneError(f"rotary embedding '{rope_type}' (partial factor "
-                            f"{getattr(config, 'partial_rotary_factor', 1.0)}) cannot be written as GGUF by sdmprune: "
-                            f"only full rotations of type {', '.join(sorted(_ROPE_TYPES))} are supported")
+    partial = getattr(config, "partial_rotary_factor", None) or 1.0
+    if rope_type not in _ROPE_TYPES or partial != 1.0:
+        raise SdmpruneError(f"rotary embedding '{rope_type}' (partial factor {partial}) cannot be written as GGUF by "
+                            f"sdmprune: only full rotations of type {', '.join(sorted(_ROPE_TYPES))} are supported")
     rotary = model.model.rotary_emb
     if getattr(rotary, "attention_scaling", 1.0) != 1.0:
         raise SdmpruneError(f"rotary embedding '{rope_type}' scales attention, which sdmprune cannot write as GGUF")

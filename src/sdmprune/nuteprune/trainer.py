@@ -48,14 +48,14 @@ class NutePruneConfig:
 
     target: TargetOptions = field(default_factory=TargetOptions)
     train_steps: int = field(default=500, metadata=described("optimizer steps"))
-    train_batch_size: int = field(default=1, metadata=described("calibration windows per step"))
     sparsity_warmup: float = field(default=0.7, metadata=described(
         "fraction of the steps over which the sparsity target ramps linearly from 0 to the ratio"))
+    train_batch_size: int = field(default=1, metadata=described("calibration windows per step"))
+    gate_init: float = field(default=3.0, metadata=described(
+        "initial log α of every gate (3: P(gate ≠ 0) = 0.99, 80 percent of samples exactly 1)"))
     gate_lr: float = field(default=0.3, metadata=described("learning rate of the gates' log α (Adam)"))
     lambda_lr: float = field(default=1.0, metadata=described(
         "learning rate of the Lagrange multipliers λ1, λ2 (Adam without momentum, gradient ascent)"))
-    gate_init: float = field(default=3.0, metadata=described(
-        "initial log α of every gate (3: P(gate ≠ 0) = 0.99, 80 percent of samples exactly 1)"))
     kd_weight: float = field(default=0.1, metadata=described("weight of the logit KL term"))
     distill_temperature: float = field(default=2 / 3, metadata=described(
         "KL temperature T (both sides, loss scaled by T²)"))

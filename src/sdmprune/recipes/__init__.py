@@ -2,7 +2,7 @@
 
 A pruning method registers `(name, config class, recipe)` in `METHODS`; `sdmprune prune --method NAME` builds
 that config's options (one argument group per nested config) and calls the recipe. The other commands
-(`compress`, `finetune`, `eval`, `inspect`) are recipes too (`COMMANDS`).
+(`compress`, `finetune`, `eval`, `inspect`, `gguf`) are recipes too (`COMMANDS`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import compress, evaluate, finetune, inspect, nuteprune, prune
+from . import compress, evaluate, finetune, gguf, inspect, nuteprune, prune
 
 
 def summary(config: type) -> str:
@@ -43,5 +43,6 @@ COMMANDS: dict[str, Recipe] = {
         ("finetune", finetune.FinetuneRun, finetune.run),
         ("eval", evaluate.EvaluateRun, evaluate.run),
         ("inspect", inspect.InspectRun, inspect.run),
+        ("gguf", gguf.GgufRun, gguf.run),
     )
 }

@@ -203,6 +203,7 @@ def plot_stages(figures: dict[str, dict], path: Path) -> None:
 def run(config: CompressRun) -> dict:
     """Run every stage (resuming the saved ones) and export; returns the report written to pruning.json."""
     validate(config)
+    config.pruning.width_multiple = config.export.width_multiple(config.pruning.width_multiple)
     pruning, output = config.pruning, Path(config.output.output)
     bf16 = pruning.runtime.bf16
     if not config.dry_run:
@@ -292,6 +293,7 @@ def run(config: CompressRun) -> dict:
               "evaluation": figures, "plan": stages}
     export_pruned(model, tokenizer, masks, output, report=report, overwrite=True, padded=config.export.padded,
                   extra=lambda tmp: plot_stages(figures, tmp / "stages.png") if figures else None)
+    gguf = config.export.gguf.write(output)
 
     achieved = report["achieved"]
     print(f"\n{config.model.model} -> {output}  (compress: {', '.join(names_in_plan)})")
@@ -299,5 +301,6 @@ def run(config: CompressRun) -> dict:
           f"{achieved['params_after']:,}")
     if figures:
         print("perplexity: " + " -> ".join(f"{name} {figure['ppl']:.2f}" for name, figure in figures.items()))
-    print(f"wrote {output}/ (pruning.json, README.md, model.safetensors{', stages.png' if figures else ''})")
+    extras = (", stages.png" if figures else "") + (f", {gguf.name}" if gguf else "")
+    print(f"wrote {output}/ (pruning.json, README.md, model.safetensors{extras})")
     return report

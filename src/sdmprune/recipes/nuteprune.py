@@ -53,6 +53,7 @@ def run(config: NutePruneRun) -> dict:
     export_pruned(result.model, tokenizer, result.masks, output, report=report, overwrite=True,
                   padded=config.export.padded, heads=result.heads,
                   extra=lambda tmp: write_training_outputs(result.log, tmp))
+    gguf = config.export.gguf.write(output)
 
     achieved, training, memory = report["achieved"], report["training"], report["memory_bytes"]
     print(f"\n{config.model.model} -> {output}  (nuteprune, {training['steps']} steps)")
@@ -65,5 +66,6 @@ def run(config: NutePruneRun) -> dict:
     print(f"training: {training['tokens']:,} tokens in {training['seconds']:.0f} s; memory beyond the weights "
           f"{memory['state_total'] / 2**20:.2f} MiB (weights {memory['model_weights'] / 2**20:.1f} MiB)")
     print(perplexity_change(evaluation))
-    print(f"wrote {output}/ (pruning.json, README.md, model.safetensors, nuteprune_log.json, nuteprune.png)")
+    print(f"wrote {output}/ (pruning.json, README.md, model.safetensors, nuteprune_log.json, nuteprune.png"
+          f"{f', {gguf.name}' if gguf else ''})")
     return report

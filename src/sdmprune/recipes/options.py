@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..data import TEXT_DATASETS
 from ..errors import SdmpruneError
 from ..evaluation.tasks import ALL_TASKS
+from ..export import GGUF_TYPES, export_gguf
 from ..models import DEFAULT_MODEL
 from ..options import FromOptions, described
+
+GGUF_WIDTH_MULTIPLE = 32  # llama.cpp's f16 kernels and its 32-weight quantisation blocks (bench/results/llamacpp.md)
 
 
 @dataclass
@@ -109,12 +113,41 @@ class ParallelOptions:
 
 
 @dataclass
+class GgufOptions:
+    """GGUF for llama.cpp"""
+
+    gguf: str | None = field(default=None, metadata=described(
+        "also write the export as one GGUF file of this type for llama.cpp (uniform: the model's own "
+        "architecture; per-layer widths or head counts: deci); without --width-multiple, widths are then rounded "
+        "to multiples of 32, which llama.cpp needs to run the pruned model faster (bench/results/llamacpp.md)",
+        choices=list(GGUF_TYPES)))
+    verify: bool = field(default=False, metadata=described(
+        "read the GGUF file back and check every tensor and metadata value against the export"))
+    tokenizer_from: str | None = field(default=None, metadata=described(
+        "a GGUF file to copy the tokenizer from (default: the source model's GGUF when it came from one, else "
+        "converted from the Hugging Face tokenizer)"))
+
+    def write(self, directory: str | Path, path: str | Path | None = None) -> Path | None:
+        """The GGUF file of export `directory` (None when no type was asked for)."""
+        if self.gguf is None:
+            return None
+        return export_gguf(directory, path, dtype=self.gguf, verify=self.verify, tokenizer_from=self.tokenizer_from)
+
+
+@dataclass
 class ExportOptions:
     """export"""
 
     padded: bool = field(default=False, metadata=described(
         "if widths or head counts differ per layer, zero-pad every layer to the widest so plain transformers "
         "loads it"))
+    gguf: GgufOptions = field(default_factory=GgufOptions)
+
+    def width_multiple(self, asked: int | None) -> int:
+        """The width rounding: the one asked for, else 32 for llama.cpp (--gguf), else 1."""
+        if asked is not None:
+            return asked
+        return GGUF_WIDTH_MULTIPLE if self.gguf.gguf is not None else 1
 
 
 @dataclass

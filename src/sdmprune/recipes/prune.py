@@ -4,7 +4,8 @@
     report = prune.run(prune.PruneRun.of(model="smollm2-135m", ratio=0.2, output="runs/p20"))
 
 Steps: check every input → load → plan → calibration → perplexity before → score and mask (resumable,
-state in the output directory) → perplexity after → export (rank 0; gathered first under FSDP).
+state in the output directory) → reconstruct (optional refit of the kept weights) → perplexity after →
+export (rank 0; gathered first under FSDP).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..export import export_pruned, unshard_for_export
 from ..masks import count_parameters
 from ..options import validate
 from ..pruning import PruneConfig, prune
+from ..reconstruct import ReconstructConfig, reconstruct
 from ..schedule import check_plan, needs_calibration
 from .options import ParallelOptions, PruningRunOptions
 from .steps import calibration_windows, load, measure, perplexity_change, perplexity_windows
@@ -29,12 +31,14 @@ class PruneRun(PruningRunOptions):
     """Score MLP neurons with a criterion, remove the least important, export."""
 
     pruning: PruneConfig = field(default_factory=PruneConfig)
+    reconstruction: ReconstructConfig = field(default_factory=ReconstructConfig)
     parallel: ParallelOptions = field(default_factory=ParallelOptions)
 
 
 def run(config: PruneRun) -> dict:
     """Prune and export; returns the report written to pruning.json."""
     validate(config)
+    config.pruning.width_multiple = config.export.width_multiple(config.pruning.width_multiple)
     pruning, output = config.pruning, config.output.output
     resume = prepare_output(output, overwrite=config.output.overwrite, resume=config.output.resume, finished=FINISHED)
     model, tokenizer = load(config.model, device="cpu" if config.parallel.fsdp else None)
@@ -44,7 +48,7 @@ def run(config: PruneRun) -> dict:
     check_plan(model, pruning)
     windows = perplexity_windows(config.evaluation, config.data, model, tokenizer)
     calibration, summary = None, None
-    if needs_calibration(pruning, model):
+    if needs_calibration(pruning, model) or config.reconstruction.reconstruct != "none":
         calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
                                                    pruning.runtime.seed)
     evaluation = {}
@@ -53,6 +57,9 @@ def run(config: PruneRun) -> dict:
     clear_for_new_run(output, resume)
     result = prune(model, pruning, calibration=calibration, calibration_summary=summary, state_dir=output,
                    resume=resume)
+    if config.reconstruction.reconstruct != "none":  # deterministic: a resumed run refits again
+        result.report["reconstruction"] = reconstruct(model, result.masks, calibration, config.reconstruction,
+                                                      micro_batch=pruning.micro_batch, bf16=pruning.runtime.bf16)
     if windows is not None:
         evaluation["after"] = measure(model, tokenizer, windows, config.evaluation, pruning.runtime.bf16)
     report = {**result.report, "source_model": config.model.model, "evaluation": evaluation}
@@ -61,6 +68,7 @@ def run(config: PruneRun) -> dict:
         export_model, export_masks = exported
         export_pruned(export_model, tokenizer, export_masks, output, report=report, overwrite=True,
                       padded=config.export.padded)
+        gguf = config.export.gguf.write(output)
         achieved = report["achieved"]
         requested = ", ".join(f"{k} {v}" for k, v in report["requested"].items() if v is not None)
         print(f"\n{config.model.model} -> {output}  ({report['method']}, {pruning.allocation.name}"
@@ -70,5 +78,5 @@ def run(config: PruneRun) -> dict:
         print(f"parameters {before.total:,} -> {achieved['params_after']:,}; MLP width {before.widths[0]} -> "
               f"{min(report['widths'])}")
         print(perplexity_change(evaluation))
-        print(f"wrote {output}/ (pruning.json, README.md, model.safetensors)")
+        print(f"wrote {output}/ (pruning.json, README.md, model.safetensors{f', {gguf.name}' if gguf else ''})")
     return report
