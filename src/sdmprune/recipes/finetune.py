@@ -28,7 +28,7 @@ from ..recovery.adapter import model_ref
 from ..recovery.data import load_instructions, tokenize_dataset
 from ..recovery.finetune import FinetuneConfig, model_teacher, train
 from ..runtime import context_length, library_versions
-from .options import ModelOptions, OutputOptions, ParallelOptions
+from .options import GgufOptions, ModelOptions, OutputOptions, ParallelOptions
 from .steps import load
 
 FINISHED = "recovery.json"
@@ -42,6 +42,11 @@ class FinetuneRun(FromOptions):
     finetune: FinetuneConfig
     model: ModelOptions = field(default_factory=ModelOptions)
     parallel: ParallelOptions = field(default_factory=ParallelOptions)
+    gguf: GgufOptions = field(default_factory=GgufOptions)
+
+    def validate(self) -> None:
+        if self.gguf.gguf is not None and not self.finetune.merge:
+            raise SdmpruneError("--gguf writes the merged model: pass --merge too")
 
 
 def source_record(spec: str) -> dict | None:
@@ -155,6 +160,7 @@ def run(config: FinetuneRun, *, progress: bool = True) -> dict:
              else peft_model)
     if is_main():
         write_output(output, plain, tokenizer, log, record, source, settings.merge)
+        config.gguf.write(output / "merged")
         teacher_note = f", KD from {teacher_name}" if settings.kd else ""
         print(f"\n{spec} -> {output}  (LoRA r={recovery.lora.lora_r}{teacher_note})")
         print(f"{record['steps']} steps ({record['epochs']:.2f} epochs of {record['examples']} examples), "
