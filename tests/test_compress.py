@@ -16,8 +16,8 @@ from sdmprune.config import LoraOptions
 from sdmprune.errors import SdmpruneError
 from sdmprune.lora import attach_lora
 from sdmprune.masks import NeuronMasks
-from sdmprune.reconstruct import ReconstructConfig, reconstruct
 from sdmprune.recipes import compress
+from sdmprune.reconstruct import ReconstructConfig, reconstruct
 from sdmprune.recovery.data import collate, text_windows
 
 DATA_DIR = Path(os.environ.get("SDMPRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
