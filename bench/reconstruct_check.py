@@ -1,6 +1,6 @@
 """Reconstruction check on SmolLM2-135M: WikiText-2 perplexity of structured-Wanda masks with no refit, the one-shot
-refit and the sequential refit (every target of `sdmprune.reconstruct.TARGETS`), a damping sweep and the intercept
-on/off; seconds and peak memory of the reconstruction stage.
+refit and the sequential refit (its target over β = `--drift`), with and without token normalisation, a damping
+sweep and the intercept on/off; seconds and peak memory of the reconstruction stage.
 
     .venv/bin/python bench/reconstruct_check.py [--data-dir ../shared/data] [--threads 2]
 
@@ -31,39 +31,47 @@ from sdmprune import load_model, perplexity
 from sdmprune.data import load_calibration, load_text
 from sdmprune.evaluation.perplexity import tokenize_windows
 from sdmprune.masks import NeuronMasks, count_parameters
-from sdmprune.reconstruct import TARGETS, ReconstructConfig, reconstruct
+from sdmprune.reconstruct import ReconstructConfig, reconstruct
 from sdmprune.runtime import library_versions
 
 RESULTS = Path(__file__).parent / "results"
 RATIOS = (0.3, 0.4)
 DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
+DRIFTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT = ReconstructConfig()
-WINNER = "half-drift"
+
+
+def run(ratio: float, mode: str = "none", *, drift: float | None = None, damping: float | None = DEFAULT.damping,
+        intercept: bool = False, normalised: bool = DEFAULT.normalised) -> dict:
+    """One configuration; `drift` (β) for sequential runs only."""
+    if mode == "none":
+        return dict(ratio=ratio, mode=mode, drift=None, damping=None, intercept=False, normalised=False)
+    if mode == "sequential" and drift is None:
+        drift = DEFAULT.drift
+    return dict(ratio=ratio, mode=mode, drift=drift, damping=damping, intercept=intercept, normalised=normalised)
 
 
 def configurations() -> list[dict]:
-    """Every (ratio, mode, target, damping, intercept, normalised) to measure, the most informative first."""
-    def run(ratio: float, mode: str, target: str | None = None, damping: float | None = DEFAULT.damping,
-            intercept: bool = False, normalised: bool = False) -> dict:
-        return dict(ratio=ratio, mode=mode, target=target, damping=damping, intercept=intercept, normalised=normalised)
-
+    """Every configuration to measure, in table order: per ratio no refit, one-shot, sequential over β (with and
+    without token normalisation), the intercept; then the damping sweep of the defaults at 30%."""
     runs = []
     for ratio in RATIOS:
-        runs.append(run(ratio, "none", damping=None))
-        runs += [run(ratio, "one-shot"), run(ratio, "one-shot", intercept=True)]
-        targets = TARGETS if ratio == RATIOS[0] else ("drift", WINNER, "local")  # the whole family at 30%
-        runs += [run(ratio, "sequential", target) for target in targets]
-        runs.append(run(ratio, "sequential", WINNER, intercept=True))
-    runs += [run(RATIOS[0], "sequential", "drift", intercept=True), run(RATIOS[0], "one-shot", normalised=True),
-             run(RATIOS[0], "sequential", WINNER, normalised=True)]
-    for mode, target in (("one-shot", None), ("sequential", WINNER)):
-        runs += [run(RATIOS[0], mode, target, damping) for damping in DAMPINGS if damping != DEFAULT.damping]
+        runs.append(run(ratio))
+        for normalised in (False, True):
+            runs.append(run(ratio, "one-shot", normalised=normalised))
+            drifts = DRIFTS if ratio == RATIOS[0] or normalised else (DEFAULT.drift,)
+            runs += [run(ratio, "sequential", drift=drift, normalised=normalised) for drift in drifts]
+        runs += [run(ratio, "one-shot", intercept=True), run(ratio, "sequential", intercept=True)]
+        if ratio == RATIOS[0]:  # the intercept without token normalisation
+            runs += [run(ratio, "one-shot", intercept=True, normalised=False)]
+            runs += [run(ratio, "sequential", drift=drift, intercept=True, normalised=False) for drift in (0.5, 1.0)]
+    runs += [run(RATIOS[0], mode, damping=damping) for mode in ("one-shot", "sequential") for damping in DAMPINGS
+             if damping != DEFAULT.damping]
     return runs
 
 
 def key(run: dict) -> str:
-    return (f"{run['ratio']}|{run['mode']}|{run['target']}|{run['damping']}|{run['intercept']}|"
-            f"{run.get('normalised', False)}")
+    return "|".join(str(run[name]) for name in ("ratio", "mode", "drift", "damping", "intercept", "normalised"))
 
 
 def wanda_norms(model, calibration: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:
@@ -133,13 +141,13 @@ def markdown(record: dict) -> str:
         "# Reconstruction check (SmolLM2-135M, structured Wanda masks)",
         "",
         f"Calibration: {record['calibration']['samples']} C4 windows × {record['calibration']['seq_len']} tokens "
-        f"(seed {record['calibration']['seed']}). WikiText-2 test, first {record['eval_tokens']:,} tokens, 512-token "
-        f"windows, fp32 on the CPU ({record['machine']['threads']} threads, shared machine: seconds are noisy). "
-        f"Dense PPL {record['dense_ppl']:.2f}. Peak memory: resident memory above the stage's start (the model "
-        "itself excluded).",
+        f"(seed {record['calibration']['seed']}), micro-batches of {record['micro_batch']}. WikiText-2 test, first "
+        f"{record['eval_tokens']:,} tokens, 512-token windows, fp32 on the CPU ({record['machine']['threads']} "
+        f"threads of a shared 2-core machine: seconds are noisy, up to 3× between quiet and busy periods). Dense PPL "
+        f"{record['dense_ppl']:.2f}. Peak memory: resident memory above the stage's start (model excluded).",
         "",
-        "| ratio | reconstruction | target | damping | intercept | token weights | WikiText-2 PPL | seconds | "
-        "peak MiB | mean layer error before → after | final drift |",
+        "| ratio | refit | β (drift) | damping | intercept | token weights | WikiText-2 PPL | seconds | peak MiB | "
+        "mean layer error before → after | last hidden error |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in record["runs"]:
@@ -147,20 +155,22 @@ def markdown(record: dict) -> str:
             lines.append(f"| {run['ratio']} | none |  |  |  |  | {run['ppl']:.1f} |  |  |  |  |")
             continue
         errors = f"{run['error_before']:.3f} → {run['error_after']:.3f}"
-        drift = f"{run['final_drift']:.4f}" if "final_drift" in run else ""
+        hidden = f"{run['hidden_error']:.4f}" if "hidden_error" in run else ""
         lines.append(
-            f"| {run['ratio']} | {run['mode']} | {run['target'] or ''} | {run['damping']:g} | "
-            f"{'yes' if run['intercept'] else 'no'} | {'1/ms(h)' if run.get('normalised') else '1'} | "
-            f"{run['ppl']:.1f} | {run['seconds']:.0f} | {run['peak_mib']:.0f} | {errors} | {drift} |"
+            f"| {run['ratio']} | {run['mode']} | {'' if run['drift'] is None else run['drift']} | {run['damping']:g} | "
+            f"{'yes' if run['intercept'] else 'no'} | {'1/ms(h)' if run['normalised'] else '1'} | {run['ppl']:.1f} | "
+            f"{run['seconds']:.0f} | {run['peak_mib']:.0f} | {errors} | {hidden} |"
         )
     lines += [
         "",
-        "Layer error: Σ‖T − W u − b‖² / Σ‖T‖² on the calibration tokens, T the layer's target (one-shot: the dense "
-        "layer's output on dense inputs; sequential: the target named), averaged over layers; before = the plain "
-        "masked layer. Final drift (sequential): Σ‖h_pruned − h_dense‖² / Σ‖h_dense‖² of the last layer's output "
-        "on the calibration tokens. Token weights 1/ms(h): each token's squared error weighted by 1 / mean(h²) of "
-        "the dense hidden state after the layer (the scale the next RMSNorm divides by), i.e. errors as the next "
-        "layer's normalisation sees them.",
+        "β (sequential): target T = (1 − β)·W u + β·(h_dense(l+1) − a_pruned(l)); β = 0 reproduces the dense layer on "
+        "the pruned stream's inputs, β = 1 makes the pruned residual stream after the layer the dense one. Token "
+        "weights 1/ms(h): each token's squared error weighted by 1 / mean(h²), h the dense hidden state after the "
+        "layer (the scale the next RMSNorm divides out). Layer error: Σ w‖T − W u − b‖² / Σ w‖T‖² on the "
+        "calibration tokens, averaged over layers; before = the plain masked layer. Last hidden error (sequential): "
+        "mean over calibration tokens of ‖h_pruned − h_dense‖² / ‖h_dense‖² after the last layer.",
+        "",
+        *record.get("notes", []),
         "",
         f"Command: `{record['command']}`",
         "",
@@ -180,6 +190,7 @@ def main() -> None:
     path = RESULTS / "reconstruct_check.json"
     record = json.loads(path.read_text()) if path.exists() else {"runs": []}
     done = {key(run) for run in record["runs"]}
+    order = {key(run): i for i, run in enumerate(configurations())}
 
     model, tokenizer = load_model("smollm2-135m", dtype="float32", device="cpu")
     calibration, summary = load_calibration("c4", tokenizer, n_samples=32, seq_len=256, seed=0,
@@ -204,19 +215,19 @@ def main() -> None:
             masks.down_weight = [None] * len(masks.keep)
             masks.down_bias = [None] * len(masks.keep)
             if run["mode"] != "none":
-                config = ReconstructConfig(run["mode"], run["damping"], run["intercept"])
+                config = ReconstructConfig(run["mode"], run["damping"], run["intercept"],
+                                           DEFAULT.drift if run["drift"] is None else run["drift"], run["normalised"])
                 with PeakMemory() as memory:
-                    report = reconstruct(model, masks, calibration, config, micro_batch=args.micro_batch,
-                                         target=run["target"] or "drift", normalised=run["normalised"])
+                    report = reconstruct(model, masks, calibration, config, micro_batch=args.micro_batch)
                 rows = report["layers"]
                 run.update(seconds=report["seconds"], peak_mib=memory.above_start_mib,
                            error_before=sum(r["error_before"] for r in rows) / len(rows),
                            error_after=sum(r["error_after"] for r in rows) / len(rows), layers=rows)
                 if run["mode"] == "sequential":
-                    run["final_drift"] = rows[-1]["drift"]
+                    run["hidden_error"] = rows[-1]["hidden_error"]
             run.update(width=masks.widths[0], ppl=perplexity(model, tokenizer, windows, progress=False)["ppl"])
             record["runs"].append(run)
-            record["runs"].sort(key=lambda r: [key(c) for c in configurations()].index(key(r)))
+            record["runs"].sort(key=lambda r: order.get(key(r), len(order)))
             path.write_text(json.dumps(record, indent=1))
             (RESULTS / "reconstruct_check.md").write_text(markdown(record))
             print(f"{key(run)}: PPL {run['ppl']:.2f}" + (f", {run['seconds']:.0f} s" if "seconds" in run else ""),

@@ -3,33 +3,39 @@
 Layer l's down_proj W (H, I) keeps the columns S (k = |S| neurons). Its refit W' (H, k), and with
 `intercept` a bias b (H,), solve the ridge least-squares problem over the calibration tokens t
 
-    min Σ_t ‖T_t − W' u_t[S] − b‖² + λ‖W'‖²,   λ = damping · mean(diag G[S, S]),
+    min Σ_t w_t ‖T_t − W' u_t[S] − b‖² + λ‖W'‖²,   λ = damping · mean(diag G[S, S]),
 
-u_t the down_proj input (the neurons' outputs, (I,)) and T_t the layer's target (H,). With G = Σ u uᵀ and
-C = Σ T u[S]ᵀ the solution is W' = C (G[S, S] + λI)⁻¹; the intercept is fitted on centred sums (G and C
-less n·mean·meanᵀ, λ from the centred diagonal, b = mean(T) − W' mean(u[S])), so b is not damped. FLAP's
-bias compensation is the special case W' = W[:, S], b = W[:, removed] · mean(u[removed]).
+u_t the down_proj input (the neurons' outputs, (I,)), T_t the layer's target (H,) and w_t a token weight: 1,
+or with `normalised` 1 / mean(h_t²), h_t the dense model's hidden state after the layer, so that each token's
+error counts relative to the scale that the next layer's RMSNorm divides out (a few tokens with massive
+activations otherwise dominate the fit). With G = Σ w u uᵀ and C = Σ w T u[S]ᵀ the solution is
+W' = C (G[S, S] + λI)⁻¹; the intercept is fitted on centred sums (G and C less the weighted means' outer
+products, λ from the centred diagonal, b = mean(T) − W' mean(u[S])), so b is not damped. FLAP's bias
+compensation is the special case W' = W[:, S], b = W[:, removed] · mean(u[removed]).
 
-- `one-shot`: u from the dense model, T = W u, its own output: C = W G[:, S], so
-  W' = W G[:, S] (G[S, S] + λI)⁻¹ (the dense layer's best k-neuron approximation on dense inputs).
+- `one-shot`: u from the dense model, T = W u, the layer's own output: C = W G[:, S], so
+  W' = W G[:, S] (G[S, S] + λI)⁻¹, the dense layer's best k-neuron approximation on dense inputs.
 - `sequential` (SparseGPT-style): the calibration hidden states are carried layer by layer through the
-  already pruned-and-refitted layers (a pruned stream) beside the dense model's (a dense stream); u comes
-  from the pruned stream and T corrects the accumulated drift, T = h_dense(l+1) − a_pruned(l), the dense
-  residual stream after layer l less the pruned residual stream before the MLP: the pruned model then tracks
-  the dense one on the same tokens (bench/results/reconstruct_check.md compares the targets).
+  already pruned-and-refitted layers (a pruned stream) beside the dense model's (a dense stream); u comes from
+  the pruned stream and T = (1 − β)·W u + β·(h_dense(l+1) − a_pruned(l)), β = `drift`: at 0 the dense layer's
+  output on the pruned inputs, at 1 what makes the pruned residual stream after the layer the dense one (the
+  dense stream less the pruned stream before the MLP), correcting all the drift accumulated below. Measured
+  (bench/results/reconstruct_check.md): fitting all the drift (β = 1) is no better than one-shot, a quarter
+  of it is best, and the dense layer's output on the dense inputs as the target (ignoring the drift of the
+  inputs) is far worse than one-shot.
 
-Both run the decoder layers one at a time on cached hidden states (layer 0's inputs and call keyword
-arguments captured once per micro-batch with an early stop): one pass over the model in total, and the
-fp64 sums of one layer in memory at a time. The refit goes into the masks (`NeuronMasks.down_weight`,
-`down_bias`), never into the model's weights: with the masks off the model stays exactly the dense one,
-and `export_pruned` writes the refit.
+Both run the decoder layers one at a time on cached hidden states (every layer's inputs and call keyword
+arguments captured once per micro-batch by a forward pass whose decoder layers are skipped): one pass over the
+model for one-shot, three layer passes per layer for sequential, and the fp64 sums of one layer in memory at a
+time. The refit goes into the masks (`NeuronMasks.down_weight`, `down_bias`), never into the model's weights:
+with the masks off the model stays exactly the dense one, and `export_pruned` writes the refit.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -61,31 +67,39 @@ class ReconstructConfig:
 
     reconstruct: str = field(default="none", metadata=described(
         "refit each pruned layer's kept down_proj weights by ridge least squares after the final masks: "
-        "none | one-shot (dense-model activations, targets the dense layer's output) | sequential (activations "
-        "of the pruned-and-refitted layers below, targets the dense residual stream: corrects the drift)"))
+        "none | one-shot (dense-model activations; target: the dense layer's output) | sequential (activations of "
+        "the pruned-and-refitted layers below; target: see --drift)"))
     damping: float = field(default=1e-2, metadata=described(
         "ridge λ relative to the mean diagonal of the kept neurons' Gram matrix (0 = plain least squares)"))
     intercept: bool = field(default=False, metadata=described(
         "also fit a down_proj bias (centred least squares; generalises FLAP's bias compensation); exported via "
         "the config's mlp_bias, so Llama only"))
+    drift: float = field(default=0.25, metadata=described(
+        "sequential: fraction of the drift from the dense model accumulated below that each layer's refit corrects "
+        "(0: reproduce the dense layer on the pruned inputs; 1: make the pruned residual stream the dense one)"))
+    normalised: bool = field(default=True, metadata=described(
+        "weight each token's squared error by 1/mean(h^2), h the dense hidden state after the layer: errors "
+        "relative to the scale the next RMSNorm divides out"))
 
     def validate(self) -> None:
         if self.reconstruct not in MODES:
             raise SdmpruneError(f"unknown reconstruction '{self.reconstruct}': choose {', '.join(MODES)}")
         if not (math.isfinite(self.damping) and self.damping >= 0):
             raise SdmpruneError(f"--damping must be a finite number >= 0, got {self.damping}")
+        if not 0 <= self.drift <= 1:
+            raise SdmpruneError(f"--drift must be in [0, 1], got {self.drift}")
 
 
 @dataclass
 class RefitStatistics:
-    """fp64 sums over n calibration tokens for one layer: inputs u[S] (k,) and targets T (H,)."""
+    """fp64 sums over the calibration tokens (weights w) for one layer: inputs u[S] (k,) and targets T (H,)."""
 
-    gram: torch.Tensor  # (k, k) Σ u uᵀ
-    cross: torch.Tensor  # (H, k) Σ T uᵀ
-    inputs: torch.Tensor  # (k,) Σ u
-    targets: torch.Tensor  # (H,) Σ T
-    energy: torch.Tensor  # () Σ ‖T‖²
-    tokens: torch.Tensor  # () n, fp64 so that it reduces with the rest
+    gram: torch.Tensor  # (k, k) Σ w u uᵀ
+    cross: torch.Tensor  # (H, k) Σ w T uᵀ
+    inputs: torch.Tensor  # (k,) Σ w u
+    targets: torch.Tensor  # (H,) Σ w T
+    energy: torch.Tensor  # () Σ w ‖T‖²
+    total: torch.Tensor  # () Σ w (the token count when unweighted)
 
     @classmethod
     def zeros(cls, k: int, hidden: int, device: torch.device) -> RefitStatistics:
@@ -95,11 +109,10 @@ class RefitStatistics:
         return cls(zeros(k, k), zeros(hidden, k), zeros(k), zeros(hidden), zeros(), zeros())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.gram, self.cross, self.inputs, self.targets, self.energy, self.tokens]
+        return [self.gram, self.cross, self.inputs, self.targets, self.energy, self.total]
 
     def add(self, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Add tokens: `inputs` (n, k) and `targets` (n, H), both fp64, each token weighted by `weights` (n,)
-        (None: 1; `tokens` then sums the weights)."""
+        """Add tokens: `inputs` (n, k) and `targets` (n, H), both fp64, weighted by `weights` (n,) (None: 1)."""
         if weights is None:
             weights = torch.ones(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
         weighted = inputs * weights[:, None]
@@ -108,13 +121,13 @@ class RefitStatistics:
         self.inputs += weighted.sum(0)
         self.targets += weights @ targets
         self.energy += weights @ targets.pow(2).sum(1)
-        self.tokens += weights.sum()
+        self.total += weights.sum()
 
     def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
-        """Σ_t ‖T_t − weight u_t − bias‖² for `weight` (H, k) and `bias` (H,) or None, fp64."""
+        """Σ_t w_t ‖T_t − weight u_t − bias‖² for `weight` (H, k) and `bias` (H,) or None, fp64."""
         error = self.energy - 2 * (weight * self.cross).sum() + ((weight @ self.gram) * weight).sum()
         if bias is not None:
-            error += self.tokens * bias.pow(2).sum() - 2 * bias @ (self.targets - weight @ self.inputs)
+            error += self.total * bias.pow(2).sum() - 2 * bias @ (self.targets - weight @ self.inputs)
         return max(error.item(), 0.0)
 
     def relative_error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
@@ -142,7 +155,7 @@ def refit(stats: RefitStatistics, damping: float, intercept: bool) -> tuple[torc
     if not intercept:
         weight, jitter = ridge_solve(stats.gram, stats.cross, damping)
         return weight, None, jitter
-    n = stats.tokens.clamp_min(1)
+    n = stats.total.clamp_min(torch.finfo(torch.float64).tiny)
     mean_u, mean_t = stats.inputs / n, stats.targets / n
     weight, jitter = ridge_solve(stats.gram - n * torch.outer(mean_u, mean_u),
                                  stats.cross - n * torch.outer(mean_t, mean_u), damping)
@@ -240,24 +253,32 @@ class _Inputs:
         self._handle.remove()
 
 
-# Sequential targets T (tokens, H) from fp64 (tokens, H) tensors: W u on the dense and on the pruned stream (the
-# dense MLP's output there), the dense stream after the layer, and the pruned stream before the MLP.
-def _blend(beta: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(1 − β)·(the dense layer on the pruned stream) + β·(what makes the pruned stream the dense one)."""
-    def target(dense_mlp, pruned_mlp, dense_next, pruned_mid):
-        return (1 - beta) * pruned_mlp + beta * (dense_next - pruned_mid)
+def _adds_mlp_output(layer: nn.Module, mlp: nn.Module, hidden: torch.Tensor, kwargs: dict, model: nn.Module,
+                     bf16: bool) -> bool:
+    """Whether decoder `layer` adds its MLP's output to the residual stream as it is (Llama, Mistral, Qwen), not
+    transformed first (Gemma normalises it), checked on `hidden` (b, S, H): the layer's output less its output with
+    the MLP zeroed must be the MLP's output, up to the rounding of that addition."""
+    outputs = []
+    handle = mlp.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        full = _run_layer(layer, hidden, kwargs, model, bf16).double()
+    finally:
+        handle.remove()
+    with _without(mlp):
+        added = full - _run_layer(layer, hidden, kwargs, model, bf16).double()
+    output = outputs[0].double()
+    return bool((added - output).norm() <= 1e-3 * output.norm() + torch.finfo(hidden.dtype).eps * full.norm())
 
-    return target
 
-
-TARGETS = {
-    "drift": _blend(1.0),
-    "three-quarter-drift": _blend(0.75),
-    "half-drift": _blend(0.5),
-    "quarter-drift": _blend(0.25),
-    "local": _blend(0.0),
-    "dense-output": lambda dense_mlp, pruned_mlp, dense_next, pruned_mid: dense_mlp,
-}
+def _token_drift(pruned: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
+    """mean_t ‖p_t − d_t‖² / ‖d_t‖² over all processes' tokens of the hidden states (b, S, H) (fp64)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=dense[0].device)
+    for p, d in zip(pruned, dense, strict=True):
+        d = d.flatten(0, -2).double()
+        ratio = (p.flatten(0, -2).double() - d).pow(2).sum(1) / d.pow(2).sum(1).clamp_min(torch.finfo(d.dtype).tiny)
+        sums += torch.stack([ratio.sum(), torch.tensor(float(ratio.numel()), dtype=torch.float64, device=d.device)])
+    all_reduce_sum([sums])
+    return (sums[0] / sums[1]).item()
 
 
 def reconstruct(
@@ -268,27 +289,27 @@ def reconstruct(
     *,
     micro_batch: int = 1,
     bf16: bool = False,
-    target: str = "drift",
-    normalised: bool = False,
 ) -> dict:
     """Refit the kept down_proj weights of every layer that lost neurons, into `masks` (see the module docstring).
 
     `calibration`: (N, S) token ids, shared out over processes by micro-batches of `micro_batch` windows (the
-    sums are added with one all-reduce per layer). Sets `masks.down_weight[l]` ((H, I_l), removed columns zero,
-    the weight's dtype) and `masks.down_bias[l]` (the intercept, or None: a compensation bias is replaced) for
-    each layer with removed neurons, None for the others; the model's weights are not touched. `target` is the
-    sequential target (bench/reconstruct_check.py compares the others of TARGETS).
+    sums are added with one all-reduce per layer); `bf16`: bf16 autocast for the layer passes (the sums and solves
+    stay fp64). Sets `masks.down_weight[l]` ((H, I_l), removed columns zero, the weight's dtype and device) and
+    `masks.down_bias[l]` (the intercept, or None: a compensation bias is replaced) for each layer with removed
+    neurons, None for the others; the model's weights are not touched.
 
-    Returns a report: mode, damping, intercept, tokens, seconds, and per layer the kept width, the Cholesky
-    jitter and the relative squared error Σ‖T − W u − b‖² / Σ‖T‖² on the calibration tokens before (the plain
-    masked layer, with its compensation bias if any) and after the refit; `sequential` adds `drift`, the
-    relative squared distance Σ‖h_pruned − h_dense‖² / Σ‖h_dense‖² of the hidden states after each layer.
+    Returns a report: the mode (alone for `none`), the other settings, tokens, seconds, and per layer the kept width,
+    the Cholesky jitter and the relative squared error Σ w‖T − W u − b‖² / Σ w‖T‖² on the calibration tokens
+    before (the plain masked layer, with its compensation bias if any) and after the refit; `sequential` adds
+    `hidden_error`, the mean over tokens of ‖h_pruned − h_dense‖² / ‖h_dense‖² of the hidden states after the
+    layer.
     """
     config = config or ReconstructConfig()
     config.validate()
-    report = {"mode": config.reconstruct, "damping": config.damping, "intercept": config.intercept}
+    report = {"mode": config.reconstruct}
     if config.reconstruct == "none":
         return report
+    report.update(damping=config.damping, intercept=config.intercept, normalised=config.normalised)
     if is_sharded(model):
         raise SdmpruneError("reconstruction of an FSDP-sharded model is not supported yet: run it without --fsdp")
     architecture = masks.architecture
@@ -301,11 +322,19 @@ def reconstruct(
         raise SdmpruneError(f"{calibration.shape[0]} calibration windows in micro-batches of {micro_batch} for "
                             f"{world_size()} processes: each process needs at least one")
     sequential = config.reconstruct == "sequential"
+    beta = config.drift if sequential else 0.0
     start = time.perf_counter()
     layers = architecture.decoder_layers(model)
     mlps = architecture.mlps(model)
     device = architecture.projections(mlps[0])[2].weight.device
     dense, arguments = _layer_inputs(model, layers, shard_windows(calibration, micro_batch), device, bf16)
+    if sequential:
+        report["drift"] = beta
+    if beta > 0:
+        with masks.disabled():
+            if not _adds_mlp_output(layers[0], mlps[0], dense[0], arguments[0][0], model, bf16):
+                raise SdmpruneError(f"'{model.config.model_type}' transforms the MLP output before adding it to the "
+                                    "residual stream, so the drift cannot be fitted: use --drift 0 or one-shot")
     pruned = list(dense)  # the same tensors until the first pruned layer
     rows = []
     for index in tqdm(range(len(layers)), desc="reconstruct", unit="layer", disable=not is_main()):
@@ -319,17 +348,15 @@ def reconstruct(
                 with masks.disabled():
                     dense_next = _run_layer(layer, dense[i], kwargs, model, bf16)
                     if stats is not None and sequential:
-                        dense_mlp = recorder.take() @ weight.T
-                        with _without(mlps[index]):
-                            pruned_mid = _run_layer(layer, pruned[i], kwargs, model, bf16).flatten(0, -2).double()
-                        u = recorder.take()
-                        following = dense_next.flatten(0, -2).double()
-                        stats.add(u[:, kept], TARGETS[target](dense_mlp, u @ weight.T, following, pruned_mid),
-                                  1 / following.pow(2).mean(1) if normalised else None)
-                    elif stats is not None:
-                        u = recorder.take()
-                        stats.add(u[:, kept], u @ weight.T,
-                                  1 / dense_next.flatten(0, -2).double().pow(2).mean(1) if normalised else None)
+                        with _without(mlps[index]):  # the pruned stream before the MLP, a_pruned
+                            pruned_mid = _run_layer(layer, pruned[i], kwargs, model, bf16)
+                if stats is not None:
+                    u = recorder.take()  # (tokens, I) fp64, of the pruned stream when sequential
+                    following = dense_next.flatten(0, -2).double()  # (tokens, H)
+                    goal = u @ weight.T
+                    if beta > 0:
+                        goal = (1 - beta) * goal + beta * (following - pruned_mid.flatten(0, -2).double())
+                    stats.add(u[:, kept], goal, 1 / following.pow(2).mean(1) if config.normalised else None)
                 dense[i] = dense_next
         finally:
             recorder.remove()
@@ -348,17 +375,7 @@ def reconstruct(
         if sequential:
             pruned = [_run_layer(layer, hidden, kwargs[index], model, bf16) for hidden, kwargs in zip(pruned, arguments,
                                                                                                     strict=True)]
-            row["drift"] = _relative_distance(pruned, dense)
+            row["hidden_error"] = _token_drift(pruned, dense)
         rows.append(row)
     report.update(tokens=calibration.numel(), seconds=time.perf_counter() - start, layers=rows)
     return report
-
-
-def _relative_distance(pruned: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
-    """Σ‖p − d‖² / Σ‖d‖² over all processes' hidden states (fp64)."""
-    sums = torch.zeros(2, dtype=torch.float64, device=dense[0].device)
-    for p, d in zip(pruned, dense, strict=True):
-        d = d.double()
-        sums += torch.stack([(p.double() - d).pow(2).sum(), d.pow(2).sum()])
-    all_reduce_sum([sums])
-    return (sums[0] / sums[1].clamp_min(torch.finfo(torch.float64).tiny)).item()
