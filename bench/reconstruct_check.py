@@ -36,7 +36,7 @@ from sdmprune.runtime import library_versions
 
 RESULTS = Path(__file__).parent / "results"
 RATIOS = (0.3, 0.4)
-DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
+DAMPINGS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DRIFTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT = ReconstructConfig()
 
@@ -52,22 +52,26 @@ def run(ratio: float, mode: str = "none", *, drift: float | None = None, damping
 
 
 def configurations() -> list[dict]:
-    """Every configuration to measure, in table order: per ratio no refit, one-shot, sequential over β (with and
-    without token normalisation), the intercept; then the damping sweep of the defaults at 30%."""
-    runs = []
+    """Every configuration to measure, in table order, each once: at 30% the damping sweep (one-shot with and
+    without token normalisation, sequential with the default β), no refit, β and the intercept without token
+    normalisation at damping 1e-2 (measured first); then per ratio, at the default damping: one-shot and
+    sequential without and with token normalisation (the latter over β), and the intercept."""
+    first = RATIOS[0]
+    runs = [run(first, mode, damping=damping, normalised=normalised) for mode, normalised in
+            (("one-shot", False), ("one-shot", True), ("sequential", True)) for damping in DAMPINGS]
+    runs.append(run(first))
+    runs += [run(first, "sequential", drift=drift, damping=1e-2, normalised=False) for drift in DRIFTS]
+    runs += [run(first, "one-shot", damping=1e-2, intercept=True, normalised=False)]
+    runs += [run(first, "sequential", drift=drift, damping=1e-2, intercept=True, normalised=False)
+             for drift in (0.5, 1.0)]
     for ratio in RATIOS:
         runs.append(run(ratio))
-        for normalised in (False, True):
-            runs.append(run(ratio, "one-shot", normalised=normalised))
-            drifts = DRIFTS if ratio == RATIOS[0] or normalised else (DEFAULT.drift,)
-            runs += [run(ratio, "sequential", drift=drift, normalised=normalised) for drift in drifts]
+        runs += [run(ratio, "one-shot", normalised=False), run(ratio, "sequential", normalised=False)]
+        runs.append(run(ratio, "one-shot"))
+        drifts = DRIFTS if ratio == first else (0.0, 0.25, 0.5, 1.0)
+        runs += [run(ratio, "sequential", drift=drift) for drift in drifts]
         runs += [run(ratio, "one-shot", intercept=True), run(ratio, "sequential", intercept=True)]
-        if ratio == RATIOS[0]:  # the intercept without token normalisation
-            runs += [run(ratio, "one-shot", intercept=True, normalised=False)]
-            runs += [run(ratio, "sequential", drift=drift, intercept=True, normalised=False) for drift in (0.5, 1.0)]
-    runs += [run(RATIOS[0], mode, damping=damping) for mode in ("one-shot", "sequential") for damping in DAMPINGS
-             if damping != DEFAULT.damping]
-    return runs
+    return [dict(item) for item in {key(item): item for item in runs}.values()]
 
 
 def key(run: dict) -> str:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import sdmprune.reconstruct as reconstruction
 from sdmprune import SdmpruneError, export_pruned
+from sdmprune.distributed import shard_windows
 from sdmprune.masks import NeuronMasks
 from sdmprune.reconstruct import ReconstructConfig, RefitStatistics, reconstruct, refit, ridge_solve
 
@@ -130,19 +131,40 @@ def test_ill_conditioned_gram_is_solved():
     assert jitter == float("inf") and not zero.any()
 
 
-def test_sequential_equals_one_shot_when_one_layer_is_pruned():
+@pytest.mark.parametrize("drift", [0.0, 0.25, 1.0])
+def test_sequential_equals_one_shot_when_one_layer_is_pruned(drift):
     """Every layer below the pruned one is whole, so its inputs are the dense ones, there is no drift to correct,
-    and the sequential target is the dense layer's output."""
+    and the sequential target is the dense layer's output whatever β."""
     weights = {}
     for mode in ("one-shot", "sequential"):
         model = tiny_model("llama")
         masks = random_masks(model, layers=(1,))
-        report = reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode, 1e-2, intercept=True), micro_batch=2)
+        config = ReconstructConfig(mode, 1e-2, intercept=True, drift=drift)
+        report = reconstruct(model, masks, CALIBRATION, config, micro_batch=2)
         weights[mode] = (masks.down_weight[1], masks.down_bias[1], report["layers"][1]["error_after"])
-    # equal up to the rounding of the fp32 residual stream, from which the sequential target is read
+    if drift == 0:  # the same computation
+        assert all(torch.equal(a, b) for a, b in zip(weights["sequential"][:2], weights["one-shot"][:2], strict=True))
+    # β > 0: equal up to the rounding of the fp32 residual stream, from which the drift is read
     torch.testing.assert_close(weights["sequential"][0], weights["one-shot"][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights["sequential"][1], weights["one-shot"][1], rtol=1e-4, atol=1e-5)
     assert weights["sequential"][2] == pytest.approx(weights["one-shot"][2], rel=1e-4)
+
+
+def test_layer_by_layer_pass_reproduces_the_model(arch):
+    """The captured inputs and per-layer arguments (Gemma: sliding-window and full layers, each with its own mask
+    and position embeddings) replay the model exactly; the skipped layers get their own forward back."""
+    model = tiny_model(arch)
+    layers = model.model.layers
+    hidden, arguments = reconstruction._layer_inputs(model, layers, shard_windows(CALIBRATION, 4), torch.device("cpu"),
+                                                     bf16=False)
+    assert all("forward" not in layer.__dict__ for layer in layers) and len(hidden) == 2
+    for start, (state, kwargs) in zip((0, 4), zip(hidden, arguments, strict=True), strict=True):
+        assert len(kwargs) == len(layers)
+        for layer, layer_kwargs in zip(layers, kwargs, strict=True):
+            state = reconstruction._run_layer(layer, state, layer_kwargs, model, bf16=False)
+        with torch.inference_mode():
+            expected = model.model(input_ids=CALIBRATION[start:start + 4]).last_hidden_state
+            assert torch.equal(model.model.norm(state), expected)
 
 
 def test_sequential_tracks_the_dense_model_better_on_its_calibration():
