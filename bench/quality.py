@@ -36,6 +36,7 @@ from sdmprune.data import load_calibration, load_text
 from sdmprune.evaluation.perplexity import tokenize_windows
 from sdmprune.io import atomic_file
 from sdmprune.nuteprune import nuteprune, plot_trajectory
+from sdmprune.reconstruct import ReconstructConfig, reconstruct
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perf_common import PeakMemory  # noqa: E402
@@ -66,7 +67,15 @@ METHODS: dict[str, dict] = {
     # NutePrune: learned masks over key/value groups and MLP neurons (widths and head counts differ per layer),
     # LoRA merged; trained on NUTEPRUNE_WINDOWS windows, one per step.
     "nuteprune": {"method": "nuteprune", "train_steps": 500},
+    # The preset with FLAP's non-uniform widths (standardised scores ranked across layers).
+    "sdmprune-activation-wanda-global": {"criterion": "sdmprune", "importance": "activation-wanda",
+                                         "bias_compensation": False, "allocation": "global"},
 }
+# Reconstruction after the masks (`--reconstruct`, sdmprune.reconstruct with its default settings): record
+# "<method>+<refit>" holds the same masks as record "<method>" with the kept down_proj weights refitted.
+REFITS = ("one-shot", "sequential")
+REFITTED = ("wanda-sp", "flap", "sdmprune", "sdmprune-activation-wanda", "sdmprune-activation-wanda-global")
+REFIT_MICRO_BATCH = 4
 NUTEPRUNE_WINDOWS = 500
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap")
 SEED_FREE = ("magnitude",)  # no calibration data and no randomness: one seed says everything
@@ -79,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4],
                         help="fractions of total parameters removed")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration (and method) seeds")
+    parser.add_argument("--refits", nargs="*", default=list(REFITS), choices=REFITS,
+                        help="reconstructions measured besides none on the masks of each method in REFITTED (none: "
+                             "pass no value)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--calib-samples", type=int, default=32, help="C4 calibration windows per run")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
@@ -151,7 +163,8 @@ class PeakUse:
                        "before_mib": round(self.before, 1), "peak_extra_mib": round(peak - self.before, 1)}
 
 
-def run_one(args, method: str, ratio: float, seed: int, windows: dict) -> dict:
+def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: list[str]) -> dict[str, dict]:
+    """Prune with `method`; evaluate the records named in `missing` ("<method>" and "<method>+<refit>"): records."""
     model, tokenizer = load_model(args.model)
     settings = dict(METHODS[method])
     learned = settings.pop("method", None) == "nuteprune"
@@ -175,13 +188,46 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict) -> dict:
     else:
         passes = len(result.report["steps"])  # one pass over the windows per step (cold start included)
         budget = {"passes": passes, "tokens": passes * summary["tokens"]}
-    return {
-        "method": method, "ratio": ratio, "seed": seed, "config": config,
-        "achieved": result.report["achieved"], "widths": result.masks.widths,
-        "prune_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "budget": budget,
-        "memory": memory.record,
-        "ppl": evaluate(model, tokenizer, windows, args.bf16),
-    }
+    common = {"method": method, "ratio": ratio, "seed": seed, "config": config,
+              "achieved": result.report["achieved"], "widths": result.masks.widths,
+              "prune_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "budget": budget,
+              "memory": memory.record}
+    records = {}
+    if method in missing:
+        records[method] = {**common, "ppl": evaluate(model, tokenizer, windows, args.bf16)}
+    masks = result.masks
+    compensation = list(masks.down_bias)  # flap's bias compensation: each refit starts from the plain masks
+    for refit in REFITS:
+        name = f"{method}+{refit}"
+        if name not in missing:
+            continue
+        masks.down_bias = list(compensation)
+        start = time.perf_counter()
+        with PeakUse() as refit_memory:
+            report = reconstruct(model, masks, calibration, ReconstructConfig(refit), micro_batch=REFIT_MICRO_BATCH,
+                                 bf16=args.bf16)
+        layers = report["layers"]
+        records[name] = {**common, "method": name, "config": {**config, "reconstruct": refit},
+                         "refit": {"seconds": round(time.perf_counter() - start, 1), "memory": refit_memory.record,
+                                   "settings": {k: report[k] for k in ("damping", "intercept", "normalised", "drift")
+                                                if k in report},
+                                   "mean_error_before": statistics.fmean(r["error_before"] for r in layers
+                                                                         if "error_before" in r),
+                                   "mean_error_after": statistics.fmean(r["error_after"] for r in layers
+                                                                        if "error_after" in r)},
+                         "ppl": evaluate(model, tokenizer, windows, args.bf16)}
+    return records
+
+
+def method_names() -> list[str]:
+    """Every record's method name in table order: each method, then its refits."""
+    return [name for method in METHODS for name in (method, *(f"{method}+{refit}" for refit in REFITS))]
+
+
+def base_method(name: str) -> tuple[str, str]:
+    """("wanda-sp", "+one-shot") for "wanda-sp+one-shot"; ("wanda-sp", "") for "wanda-sp"."""
+    method, plus, refit = name.partition("+")
+    return (method, plus + refit) if refit in REFITS else (name, "")
 
 
 def summarise(records: dict) -> dict:
@@ -207,8 +253,9 @@ def summarise(records: dict) -> dict:
     return summary
 
 
-def best_baseline(summary: dict, ratio: float, name: str) -> str | None:
-    candidates = [m for m in BASELINES if (m, ratio) in summary]
+def best_baseline(summary: dict, ratio: float, name: str, refit: str = "") -> str | None:
+    """The baseline with the lowest mean PPL at `ratio` among those with the same refit suffix ("" or "+...")."""
+    candidates = [m + refit for m in BASELINES if (m + refit, ratio) in summary]
     return min(candidates, key=lambda m: summary[(m, ratio)][name]["mean"]) if candidates else None
 
 
@@ -242,11 +289,11 @@ def markdown(results: dict) -> str:
     records, meta = results["records"], results["settings"]
     summary = summarise(records)
     ratios = sorted({ratio for _, ratio in summary})
-    methods = [m for m in METHODS if any((m, r) in summary for r in ratios)]
+    methods = [m for m in method_names() if any((m, r) in summary for r in ratios)]
     dense = results.get("dense", {})
     calib, evaluation = meta["calibration"], meta["evaluation"]
     lines = [
-        "# Quality benchmark: SmolLM2-135M-Instruct, MLP neurons pruned, no recovery",
+        f"# Quality benchmark: {meta['model']}, MLP neurons pruned, no recovery",
         "",
         f"Calibration: {calib['samples']} windows × {calib['seq_len']} tokens ({calib['tokens']:,} tokens) from "
         f"{calib['source']}, drawn per seed; every method sees the same windows for a seed. Evaluation: first "
@@ -262,7 +309,10 @@ def markdown(results: dict) -> str:
         "`sdmprune-steps4` / `sdmprune-progressive`: the preset over 4 prune-and-rescore steps with the dense "
         "teacher / with the previous step's student as teacher. `nuteprune`: masks learned over key/value groups "
         "and MLP neurons (widths and head counts differ per layer) with LoRA merged, trained on its own "
-        f"{NUTEPRUNE_WINDOWS} windows of the seed (see the cost table).",
+        f"{NUTEPRUNE_WINDOWS} windows of the seed (see the cost table). `-global`: FLAP's non-uniform widths "
+        "(standardised scores ranked across layers). `+one-shot` / `+sequential`: the same masks with the kept "
+        "down_proj weights refitted by `--reconstruct` (its default damping, token weights and drift; on the "
+        "seed's calibration windows), replacing flap's compensation bias.",
         "",
         "Command: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py`",
         "",
@@ -282,16 +332,16 @@ def markdown(results: dict) -> str:
         lines += ["", "Absolute evaluation noise (window-to-window spread, the same windows for every model): "
                   f"{min(noise):.1%}–{max(noise):.1%} of PPL; differences between models are far less noisy "
                   "(below).", ""]
-        lines += [f"Paired difference to the best baseline (same seeds), {title}: PPL(method) − PPL(baseline), "
-                  "mean ± std over seeds; ev± is the evaluation noise of the difference (relative, from the "
-                  "per-window NLL differences).", "",
+        lines += [f"Paired difference to the best baseline with the same refit (same seeds), {title}: "
+                  "PPL(method) − PPL(baseline), mean ± std over seeds; ev± is the evaluation noise of the "
+                  "difference (relative, from the per-window NLL differences).", "",
                   "| method | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
         for method in methods:
-            if method in BASELINES:
+            if base_method(method)[0] in BASELINES:
                 continue
             cells = []
             for ratio in ratios:
-                baseline = best_baseline(summary, ratio, name)
+                baseline = best_baseline(summary, ratio, name, base_method(method)[1])
                 diff = paired_difference(records, method, baseline, ratio, name) if baseline else None
                 cells.append("" if diff is None else f"{diff['mean']:+.2f} ± {diff['std']:.2f} vs {baseline} "
                              f"(n={diff['n']}, ev±{diff['eval_rel_err']:.1%})")
@@ -315,13 +365,40 @@ def cost_table(records: dict) -> list[str]:
              "weights are already loaded: the teacher's and the method's own memory, activations, gradients).", "",
              "| method | ratio | seconds | threads | tokens | peak extra memory (MiB) | NutePrune state (MiB) | n |",
              "|---|---|---|---|---|---|---|---|"]
-    for (method, ratio), group in sorted(groups.items(), key=lambda item: (item[0][1], list(METHODS).index(
+    for (method, ratio), group in sorted(groups.items(), key=lambda item: (item[0][1], method_names().index(
             item[0][0]))):
+        if "refit" in group[0]:
+            continue
         state = [r["budget"]["state_mib"] for r in group if "state_mib" in r["budget"]]
         lines.append(f"| {method} | {ratio:.0%} | {statistics.fmean(r['prune_seconds'] for r in group):.0f} | "
                      f"{', '.join(sorted({str(r['threads']) for r in group}))} | {group[0]['budget']['tokens']:,} | "
                      f"{statistics.fmean(r['memory']['peak_extra_mib'] for r in group):.0f} | "
                      f"{f'{statistics.fmean(state):.1f}' if state else ''} | {len(group)} |")
+    return [*lines, "", *refit_cost_table(records)]
+
+
+def refit_cost_table(records: dict) -> list[str]:
+    """Mean time and peak memory of the reconstruction stage per (method, ratio), and its layer errors."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for record in records.values():
+        if "refit" in record:
+            groups.setdefault((record["method"], record["ratio"]), []).append(record)
+    if not groups:
+        return []
+    lines = ["## Cost of the reconstruction stage", "",
+             "Seconds and peak extra memory of `reconstruct` alone (after the masks; the model's weights already "
+             "loaded), and the layers' relative squared errors Σ w‖T − W u‖² / Σ w‖T‖² on the calibration tokens "
+             "(mean over pruned layers) before (the plain masked layer) and after the refit.", "",
+             "| method | ratio | seconds | threads | peak extra memory (MiB) | layer error before → after | n |",
+             "|---|---|---|---|---|---|---|"]
+    for (method, ratio), group in sorted(groups.items(), key=lambda item: (item[0][1], method_names().index(
+            item[0][0]))):
+        refits = [r["refit"] for r in group]
+        lines.append(f"| {method} | {ratio:.0%} | {statistics.fmean(r['seconds'] for r in refits):.0f} | "
+                     f"{', '.join(sorted({str(r['threads']) for r in group}))} | "
+                     f"{statistics.fmean(r['memory']['peak_extra_mib'] for r in refits):.0f} | "
+                     f"{statistics.fmean(r['mean_error_before'] for r in refits):.3f} → "
+                     f"{statistics.fmean(r['mean_error_after'] for r in refits):.3f} | {len(group)} |")
     return [*lines, ""]
 
 
@@ -334,19 +411,20 @@ def plot(results: dict, path: Path) -> None:
     summary = summarise(results["records"])
     figure, axes = plt.subplots(1, len(EVAL_SETS), figsize=(12, 4.5))
     for axis, (name, title) in zip(axes, EVAL_SETS.items(), strict=True):
-        for method in METHODS:
+        for method in method_names():
             points = sorted((ratio, cell[name]) for (m, ratio), cell in summary.items() if m == method)
-            if not points or method == "random":
+            if not points or method == "random" or method.startswith("magnitude"):
                 continue
+            refit = base_method(method)[1]
             axis.errorbar([100 * r for r, _ in points], [c["mean"] for _, c in points],
-                          yerr=[c["std"] for _, c in points], marker="o", capsize=3, label=method,
-                          linestyle="--" if method in BASELINES else "-")
+                          yerr=[c["std"] for _, c in points], marker={"": "o", "+one-shot": "s"}.get(refit, "^"),
+                          capsize=3, label=method, linestyle="--" if base_method(method)[0] in BASELINES else "-")
         if "dense" in results:
             axis.axhline(results["dense"][name]["ppl"], color="gray", linewidth=0.8, label="dense")
         axis.set(title=f"{title} PPL (no recovery)", xlabel="parameters removed (%)", ylabel="perplexity",
                  yscale="log")
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=6, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -370,14 +448,16 @@ def main(argv: list[str] | None = None) -> None:
     plan = [(m, r, s) for r in args.ratios for m in args.methods
             for s in (args.seeds[:1] if m in SEED_FREE else args.seeds)]
     for index, (method, ratio, seed) in enumerate(plan, 1):
-        key = f"{method}|{ratio}|{seed}"
-        if key in results["records"] and not args.force:
+        wanted = [method] + ([f"{method}+{refit}" for refit in args.refits] if method in REFITTED else [])
+        missing = [name for name in wanted if args.force or f"{name}|{ratio}|{seed}" not in results["records"]]
+        if not missing:
             continue
-        print(f"[{index}/{len(plan)}] {method} ratio={ratio} seed={seed}", flush=True)
-        record = run_one(args, method, ratio, seed, windows)
-        results["records"][key] = record
-        print("   " + ", ".join(f"{n} {v['ppl']:.2f}" for n, v in record["ppl"].items())
-              + f"  (prune {record['prune_seconds']} s)", flush=True)
+        print(f"[{index}/{len(plan)}] {method} ratio={ratio} seed={seed}: {', '.join(missing)}", flush=True)
+        for name, record in run_one(args, method, ratio, seed, windows, missing).items():
+            results["records"][f"{name}|{ratio}|{seed}"] = record
+            print(f"   {name}: " + ", ".join(f"{n} {v['ppl']:.2f}" for n, v in record["ppl"].items())
+                  + f"  (prune {record['prune_seconds']} s"
+                  + (f", refit {record['refit']['seconds']} s)" if "refit" in record else ")"), flush=True)
         write_reports(results, args.results)
     write_reports(results, args.results)
 

@@ -69,7 +69,7 @@ class ReconstructConfig:
         "refit each pruned layer's kept down_proj weights by ridge least squares after the final masks: "
         "none | one-shot (dense-model activations; target: the dense layer's output) | sequential (activations of "
         "the pruned-and-refitted layers below; target: see --drift)"))
-    damping: float = field(default=1e-2, metadata=described(
+    damping: float = field(default=1e-4, metadata=described(
         "ridge λ relative to the mean diagonal of the kept neurons' Gram matrix (0 = plain least squares)"))
     intercept: bool = field(default=False, metadata=described(
         "also fit a down_proj bias (centred least squares; generalises FLAP's bias compensation); exported via "
