@@ -287,7 +287,7 @@ def tiny_architecture_checks(python: Path, work: Path, threads: int) -> list[dic
                "original_max_position_embeddings": 16, "rope_theta": 10000.0}
     biased = cases.tiny("llama")
     masks = prune(biased, mlp_ratio=0.4, criterion="magnitude").masks
-    masks.down_bias = [torch.randn(biased.config.hidden_size) * 0.5 for _ in masks.keep]
+    masks.bias = [torch.randn(biased.config.hidden_size) * 0.5 for _ in masks.keep]
     models = {
         "llama uniform": cases.uniform_export("llama", root / "1"),
         "qwen2 uniform": cases.uniform_export("qwen2", root / "2"),

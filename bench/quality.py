@@ -74,7 +74,8 @@ METHODS: dict[str, dict] = {
 # Reconstruction after the masks (`--reconstruct`, sdmprune.reconstruct with its default settings): record
 # "<method>+<refit>" holds the same masks as record "<method>" with the kept down_proj weights refitted.
 REFITS = ("one-shot", "sequential")
-REFITTED = ("wanda-sp", "flap", "sdmprune", "sdmprune-activation-wanda", "sdmprune-activation-wanda-global")
+REFITTED = ("wanda-sp", "flap", "sdmprune", "sdmprune-activation-wanda", "sdmprune-activation-wanda-global",
+            "nuteprune")
 REFIT_MICRO_BATCH = 4
 NUTEPRUNE_WINDOWS = 500
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap")
@@ -196,15 +197,17 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
     if method in missing:
         records[method] = {**common, "ppl": evaluate(model, tokenizer, windows, args.bf16)}
     masks = result.masks
-    compensation = list(masks.down_bias)  # flap's bias compensation: each refit starts from the plain masks
+    compensation = list(masks.bias)  # flap's bias compensation: each refit starts from the plain masks
     for refit in REFITS:
         name = f"{method}+{refit}"
         if name not in missing:
             continue
-        masks.down_bias = list(compensation)
+        masks.bias = list(compensation)
         start = time.perf_counter()
         with PeakUse() as refit_memory:
-            report = reconstruct(model, masks, calibration, ReconstructConfig(refit), micro_batch=REFIT_MICRO_BATCH,
+            # nuteprune (its 500 training windows): the refit on the first windows, as many as the scoring methods'
+            report = reconstruct(model, masks, calibration[:args.calib_samples], ReconstructConfig(refit),
+                                 heads=result.heads if learned else None, micro_batch=REFIT_MICRO_BATCH,
                                  bf16=args.bf16)
         layers = report["layers"]
         records[name] = {**common, "method": name, "config": {**config, "reconstruct": refit},
@@ -311,8 +314,9 @@ def markdown(results: dict) -> str:
         "and MLP neurons (widths and head counts differ per layer) with LoRA merged, trained on its own "
         f"{NUTEPRUNE_WINDOWS} windows of the seed (see the cost table). `-global`: FLAP's non-uniform widths "
         "(standardised scores ranked across layers). `+one-shot` / `+sequential`: the same masks with the kept "
-        "down_proj weights refitted by `--reconstruct` (its default damping, token weights and drift; on the "
-        "seed's calibration windows), replacing flap's compensation bias.",
+        "down_proj weights (and for nuteprune o_proj's) refitted by `--reconstruct` (its default damping, token "
+        "weights and drift; on the seed's calibration windows, for nuteprune the first of its training windows, "
+        "as many), replacing flap's compensation bias.",
         "",
         "Command: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py`",
         "",

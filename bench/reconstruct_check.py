@@ -216,8 +216,8 @@ def main() -> None:
             continue
         masks = NeuronMasks(model, wanda_masks(model, norms, ratio))
         for run in runs:
-            masks.down_weight = [None] * len(masks.keep)
-            masks.down_bias = [None] * len(masks.keep)
+            masks.weight = [None] * len(masks.keep)
+            masks.bias = [None] * len(masks.keep)
             if run["mode"] != "none":
                 config = ReconstructConfig(run["mode"], run["damping"], run["intercept"],
                                            DEFAULT.drift if run["drift"] is None else run["drift"], run["normalised"])

@@ -56,7 +56,7 @@ def run_case(name: str, output: Path, *, shard: bool) -> None:
     if fsdp and shard:
         shard_model(model)
     result = prune(model, calibration=calibration(), state_dir=output / name, **SETTINGS, **settings)
-    biases = {f"bias.{i}": b.cpu() for i, b in enumerate(result.masks.down_bias) if b is not None}
+    biases = {f"bias.{i}": b.cpu() for i, b in enumerate(result.masks.bias) if b is not None}
     if biases and is_main():
         save_file(biases, output / name / "bias.safetensors")
 
@@ -111,8 +111,8 @@ def reconstruct_case(output: Path) -> None:
             reconstruct(model, masks, calibration(), ReconstructConfig(mode, 1e-3, intercept=True))
         finally:
             module.refit = solve
-        tensors.update({f"weight.{i}": w for i, w in enumerate(masks.down_weight)})
-        tensors.update({f"bias.{i}": b for i, b in enumerate(masks.down_bias)})
+        tensors.update({f"weight.{i}": w for i, w in enumerate(masks.weight)})
+        tensors.update({f"bias.{i}": b for i, b in enumerate(masks.bias)})
         if is_main():
             (output / "reconstruct").mkdir(parents=True, exist_ok=True)
             save_file(tensors, output / "reconstruct" / f"{mode}.safetensors")

@@ -3,6 +3,8 @@ masks (masks off = the dense model, bit for bit), and the export writes it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_model
@@ -10,8 +12,9 @@ from transformers import AutoModelForCausalLM
 
 import sdmprune.reconstruct as reconstruction
 from sdmprune import SdmpruneError, export_pruned
+from sdmprune.cli import main
 from sdmprune.distributed import shard_windows
-from sdmprune.masks import NeuronMasks
+from sdmprune.masks import HeadMasks, NeuronMasks
 from sdmprune.reconstruct import ReconstructConfig, RefitStatistics, reconstruct, refit, ridge_solve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
@@ -80,15 +83,15 @@ def test_one_shot_refit_is_ridge_least_squares_on_captured_activations(damping, 
         a = torch.cat([root * regressors, lam.sqrt() * torch.eye(kept.numel(), dtype=torch.float64)])
         b = torch.cat([root * centred, torch.zeros(kept.numel(), target.shape[1], dtype=torch.float64)])
         expected = torch.linalg.lstsq(a, b).solution.T  # (H, k)
-        refitted = masks.down_weight[layer]
+        refitted = masks.weight[layer]
         assert refitted.dtype == down.weight.dtype and refitted.shape == down.weight.shape
         assert not refitted[:, ~masks.keep[layer]].any()
         torch.testing.assert_close(refitted[:, kept].double(), expected, rtol=1e-5, atol=1e-6)
         if intercept:
             bias = weights @ (target - u[:, kept] @ expected.T) / weights.sum()
-            torch.testing.assert_close(masks.down_bias[layer].double(), bias, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(masks.bias[layer].double(), bias, rtol=1e-5, atol=1e-6)
         else:
-            assert masks.down_bias[layer] is None
+            assert masks.bias[layer] is None
         row = report["layers"][layer]
         assert row["error_after"] < row["error_before"] and row["jitter"] == 0.0
 
@@ -112,7 +115,7 @@ def test_a_whole_layer_is_left_alone():
     model = tiny_model("llama")
     masks = random_masks(model, layers=(0,))
     report = reconstruct(model, masks, CALIBRATION, ReconstructConfig("one-shot"))
-    assert masks.down_weight[1] is None and masks.down_bias[1] is None and masks.down_weight[0] is not None
+    assert masks.weight[1] is None and masks.bias[1] is None and masks.weight[0] is not None
     assert report["layers"][1] == {"layer": 1, "kept": 64}
 
 
@@ -141,7 +144,7 @@ def test_sequential_equals_one_shot_when_one_layer_is_pruned(drift):
         masks = random_masks(model, layers=(1,))
         config = ReconstructConfig(mode, 1e-2, intercept=True, drift=drift)
         report = reconstruct(model, masks, CALIBRATION, config, micro_batch=2)
-        weights[mode] = (masks.down_weight[1], masks.down_bias[1], report["layers"][1]["error_after"])
+        weights[mode] = (masks.weight[1], masks.bias[1], report["layers"][1]["error_after"])
     if drift == 0:  # the same computation
         assert all(torch.equal(a, b) for a, b in zip(weights["sequential"][:2], weights["one-shot"][:2], strict=True))
     # β > 0: equal up to the rounding of the fp32 residual stream, from which the drift is read
@@ -218,7 +221,7 @@ def test_exported_llama_carries_the_intercept(tokenizer, tmp_path):
     out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=REPORT)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert reloaded.config.mlp_bias
-    torch.testing.assert_close(reloaded.model.layers[0].mlp.down_proj.bias, masks.down_bias[0])
+    torch.testing.assert_close(reloaded.model.layers[0].mlp.down_proj.bias, masks.bias[0])
     assert (logits(reloaded) - expected).abs().max().item() <= 1e-4
 
 
@@ -228,7 +231,7 @@ def test_same_inputs_give_a_bit_identical_refit():
         model = tiny_model("qwen3")
         masks = random_masks(model)
         reconstruct(model, masks, CALIBRATION, ReconstructConfig("sequential", 1e-3), micro_batch=4)
-        results.append(masks.down_weight)
+        results.append(masks.weight)
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
@@ -250,4 +253,86 @@ def test_refusals(monkeypatch):
     with pytest.raises(SdmpruneError, match="FSDP"):
         reconstruct(model, masks, CALIBRATION, ReconstructConfig("one-shot"))
     assert reconstruct(model, masks, CALIBRATION, ReconstructConfig("none")) == {"mode": "none"}
-    assert masks.down_weight == [None, None]
+    assert masks.weight == [None, None]
+
+
+def dense_o_proj_inputs(model) -> list[torch.Tensor]:
+    """Per layer, over CALIBRATION in the dense model: o_proj's input (tokens, heads·d), fp64."""
+    captured: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: captured[i].append(a[0]))
+               for i, layer in enumerate(model.model.layers)]
+    with torch.inference_mode():
+        model(input_ids=CALIBRATION)
+    for handle in handles:
+        handle.remove()
+    return [torch.cat(parts).flatten(0, -2).double() for parts in captured]
+
+
+@pytest.mark.parametrize("mode", ["one-shot", "sequential"])
+def test_o_proj_refit_of_removed_attention_groups_is_least_squares(mode):
+    """Layer 0 loses key/value group 0 (query heads 0-1, o_proj input channels 0-15): its o_proj refit is the least
+    squares fit of the dense o_proj output on the kept channels, in both modes (the first layer's inputs are the
+    dense ones); layer 1 keeps its groups and its o_proj."""
+    model = tiny_model("llama")
+    inputs = dense_o_proj_inputs(model)
+    masks = random_masks(model)
+    heads = HeadMasks(model, [torch.tensor([False, True]), torch.tensor([True, True])])
+    report = reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode, 0.0, normalised=False), heads=heads)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    expected = torch.linalg.lstsq(inputs[0][:, 16:], inputs[0] @ o_proj.weight.double().T).solution.T
+    assert not heads.weight[0][:, :16].any() and heads.weight[1] is None and heads.bias == [None, None]
+    torch.testing.assert_close(heads.weight[0][:, 16:].double(), expected, rtol=1e-5, atol=1e-6)
+    attention = report["layers"][0]["attention"]
+    assert attention["kept_groups"] == 1 and attention["error_after"] < attention["error_before"]
+    assert "attention" not in report["layers"][1] and masks.weight[0] is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["one-shot", "sequential"])
+def test_exported_model_without_attention_groups_computes_the_refitted_one(arch, mode, tokenizer, tmp_path):
+    model = tiny_model(arch)
+    dense = logits(model)
+    masks = random_masks(model)
+    heads = HeadMasks(model, [torch.tensor([False, True]), torch.tensor([True, False])])
+    plain = logits(model)
+    reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode), heads=heads)
+    expected = logits(model)
+    assert not torch.equal(expected, plain)
+    with masks.disabled(), heads.disabled():
+        assert torch.equal(logits(model), dense)
+    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=REPORT, heads=heads)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert reloaded.config.num_key_value_heads == 1
+    assert (logits(reloaded) - expected).abs().max().item() <= 1e-4
+
+
+class Killed(Exception):
+    pass
+
+
+def test_prune_killed_during_reconstruction_resumes_to_the_same_export(saved_model, text_file, tmp_path,
+                                                                       monkeypatch):
+    def args(output):
+        return ["prune", "--model", str(saved_model), "--criterion", "wanda-sp", "--mlp-ratio", "0.4", "--calib",
+                str(text_file), "--calib-samples", "6", "--calib-seq-len", "24", "--reconstruct", "sequential",
+                "--ppl-data", "none", "--output", str(output)]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(args(straight)) == 0
+    solve, solved = reconstruction._LinearRefit.solve, []
+
+    def solve_then_die(self, damping):
+        solved.append(solve(self, damping))
+        if len(solved) == 1:  # layer 0 refitted, layer 1 not yet
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reconstruction._LinearRefit, "solve", solve_then_die)
+        with pytest.raises(Killed):
+            main(args(killed))
+    assert not (killed / "pruning.json").exists()
+    assert main([*args(killed), "--resume"]) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
+    record = json.loads((killed / "pruning.json").read_text())["reconstruction"]
+    assert record["mode"] == "sequential" and [row["layer"] for row in record["layers"]] == [0, 1]

@@ -199,13 +199,13 @@ def test_flap_fluctuation_and_compensation_by_hand():
     for layer, (x, mlp) in enumerate(zip(dense_inputs, mlps(model), strict=True)):
         removed = ~masks.keep[layer]
         expected = mlp.down_proj.weight[:, removed] @ x[:, removed].mean(0)
-        torch.testing.assert_close(masks.down_bias[layer], expected.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(masks.bias[layer], expected.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_flap_compensated_export_reproduces_the_masked_model(tmp_path, tokenizer):
     model, ids = tiny_model("llama"), calibration()
     result = prune(model, ratio=0.2, criterion="flap", allocation="global", calibration=ids)
-    assert any(bias.abs().sum() > 0 for bias in result.masks.down_bias)
+    assert any(bias.abs().sum() > 0 for bias in result.masks.bias)
     with torch.no_grad():
         masked = model(input_ids=ids).logits
     for padded in (True, False):
@@ -230,9 +230,9 @@ def test_bias_compensation_needs_an_mlp_bias_option():
     with pytest.raises(SdmpruneError, match="no MLP-bias option"):
         prune(tiny_model("qwen2"), ratio=0.2, criterion="flap", calibration=ids, bias_compensation=True)
     automatic = prune(tiny_model("qwen2"), ratio=0.2, criterion="flap", calibration=ids)  # off where unstorable
-    assert all(bias is None for bias in automatic.masks.down_bias) and not automatic.report["bias_compensation"]
+    assert all(bias is None for bias in automatic.masks.bias) and not automatic.report["bias_compensation"]
     llama = prune(tiny_model("llama"), ratio=0.2, criterion="flap", calibration=ids)
-    assert llama.report["bias_compensation"] and all(bias is not None for bias in llama.masks.down_bias)
+    assert llama.report["bias_compensation"] and all(bias is not None for bias in llama.masks.bias)
     plain = prune(tiny_model("llama"), ratio=0.2, criterion="wanda-sp", calibration=ids)
     assert not plain.report["bias_compensation"]
     magnitude = prune(tiny_model("llama"), ratio=0.2, criterion="magnitude", bias_compensation=True,

@@ -30,14 +30,20 @@ class ChannelMasks:
 
     `keep[l]` has shape (n_l,); entry i multiplies `repeat` consecutive input channels of `linears[l]`.
     Boolean keep-masks (True = keep) for pruning; float gates while NutePrune learns them. While
-    `enabled`, the linears see their inputs multiplied; `disabled()` turns every mask off.
+    `enabled`, the linears see their inputs multiplied, compute their output with `weight[l]` ((out, in),
+    removed columns zero: a reconstruction's refit) in place of their own weight when one is set, and add
+    `bias[l]` ((out,): a compensation bias or a refit's intercept) when one is set; `disabled()` turns all of
+    it off, so the model's own weights always stay the dense ones.
     """
 
     def __init__(self, linears: Sequence[nn.Module], keep: Sequence[torch.Tensor], repeat: int = 1):
         if len(keep) != len(linears):
             raise ValueError(f"{len(keep)} masks for {len(linears)} layers")
         self.repeat = repeat
+        self.linears = list(linears)
         self.keep: list[torch.Tensor] = []
+        self.weight: list[torch.Tensor | None] = [None] * len(linears)
+        self.bias: list[torch.Tensor | None] = [None] * len(linears)
         self.enabled = True
         self._handles = []
         for layer, (linear, mask) in enumerate(zip(linears, keep, strict=True)):
@@ -45,17 +51,31 @@ class ChannelMasks:
                 raise ValueError(f"layer {layer}: mask shape {tuple(mask.shape)} != ({linear.in_features // repeat},)")
             self.keep.append(mask.to(device=linear.weight.device))
             self._handles.append(linear.register_forward_pre_hook(self._hook(layer)))
+            self._handles.append(linear.register_forward_hook(self._output_hook(layer)))
 
     def _hook(self, layer: int):
         def apply(module: nn.Module, args: tuple[torch.Tensor, ...]):
             if not self.enabled:
                 return None
-            x, mask = args[0], self.keep[layer]
-            if self.repeat > 1:
-                mask = mask.repeat_interleave(self.repeat)
-            return (x * mask.to(x.dtype),) + args[1:]
+            return (args[0] * self.channel_mask(layer).to(args[0].dtype),) + args[1:]
 
         return apply
+
+    def _output_hook(self, layer: int):
+        def replace(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
+            weight, bias = self.weight[layer], self.bias[layer]
+            if not self.enabled or (weight is None and bias is None):
+                return None
+            if weight is not None:  # args: the masked input; the dense product is discarded
+                output = F.linear(args[0], weight, module.bias)
+            return output if bias is None else output + bias.to(output.dtype)
+
+        return replace
+
+    def channel_mask(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s mask over the linear's input channels, (in,)."""
+        mask = self.keep[layer]
+        return mask.repeat_interleave(self.repeat) if self.repeat > 1 else mask
 
     def kept_indices(self) -> list[list[int]]:
         return [torch.nonzero(mask).flatten().tolist() for mask in self.keep]
@@ -79,10 +99,9 @@ class ChannelMasks:
 class NeuronMasks(ChannelMasks):
     """Per-layer boolean keep-masks (True = keep) over MLP neurons, attached to a model.
 
-    `keep[l]` has shape (I_l,), I_l the current width of layer l. While `enabled`, each down_proj
-    sees its input multiplied by the mask, and computes its output with `down_weight[l]` ((H, I_l), the
-    reconstruction's refit) in place of its own weight when one is set, plus `down_bias[l]` ((H,)) when
-    one is set; `disabled()` turns all of it off, so the same model serves as its own dense teacher.
+    `keep[l]` has shape (I_l,), I_l the current width of layer l; the masked linears are the down_projs
+    (`weight[l]`: (H, I_l), `bias[l]`: (H,)). `disabled()` turns the masks off, so the same model serves as
+    its own dense teacher.
     """
 
     def __init__(self, model: nn.Module, keep: Sequence[torch.Tensor] | None = None):
@@ -92,21 +111,6 @@ class NeuronMasks(ChannelMasks):
         if keep is None:
             keep = [torch.ones(down.in_features, dtype=torch.bool) for down in downs]
         super().__init__(downs, [mask.bool() for mask in keep])
-        self.down_bias: list[torch.Tensor | None] = [None] * len(downs)  # (H,) each, or None
-        # (H, I_l) each (removed columns zero), or None: down_proj's weight while the masks are on
-        self.down_weight: list[torch.Tensor | None] = [None] * len(downs)
-        self._handles += [down.register_forward_hook(self._output_hook(layer)) for layer, down in enumerate(downs)]
-
-    def _output_hook(self, layer: int):
-        def replace(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
-            weight, bias = self.down_weight[layer], self.down_bias[layer]
-            if not self.enabled or (weight is None and bias is None):
-                return None
-            if weight is not None:  # args: the masked input; the dense product is discarded
-                output = F.linear(args[0], weight, module.bias)
-            return output if bias is None else output + bias.to(output.dtype)
-
-        return replace
 
     def update(self, keep: Sequence[torch.Tensor]) -> None:
         """Replace the masks (e.g. after another pruning step); shapes must match."""
@@ -121,7 +125,8 @@ class NeuronMasks(ChannelMasks):
 
 class HeadMasks(ChannelMasks):
     """Per-layer boolean keep-masks (True = keep) over attention groups (a key/value head and its G
-    query heads), attached to a model: each o_proj sees the group's G·d input channels multiplied."""
+    query heads), attached to a model: each o_proj sees the group's G·d input channels multiplied
+    (`weight[l]`: o_proj's (H, heads·d) refit)."""
 
     def __init__(self, model: nn.Module, keep: Sequence[torch.Tensor] | None = None):
         self.model = model

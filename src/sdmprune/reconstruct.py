@@ -27,8 +27,12 @@ compensation is the special case W' = W[:, S], b = W[:, removed] · mean(u[remov
 Both run the decoder layers one at a time on cached hidden states (every layer's inputs and call keyword
 arguments captured once per micro-batch by a forward pass whose decoder layers are skipped): one pass over the
 model for one-shot, three layer passes per layer for sequential, and the fp64 sums of one layer in memory at a
-time. The refit goes into the masks (`NeuronMasks.down_weight`, `down_bias`), never into the model's weights:
-with the masks off the model stays exactly the dense one, and `export_pruned` writes the refit.
+time. The refit goes into the masks (`NeuronMasks.weight`, `.bias`), never into the model's weights: with the
+masks off the model stays exactly the dense one, and `export_pruned` writes the refit.
+
+Attention groups removed by NutePrune (`heads`): o_proj's kept input channels (the kept groups' query heads) are
+refitted the same way, before the layer's MLP, always towards the dense o_proj's output on the same inputs (drift
+0) and without intercept; in `sequential` the layer's MLP then sees the refitted attention.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -53,7 +57,7 @@ from .distributed import (
     world_size,
 )
 from .errors import SdmpruneError
-from .masks import NeuronMasks
+from .masks import ChannelMasks, HeadMasks, NeuronMasks
 from .options import described
 from .runtime import autocast_context
 
@@ -235,11 +239,11 @@ def _without(mlp: nn.Module) -> Iterator[None]:
 
 
 class _Inputs:
-    """The latest input of one linear (its forward pre-hook sees the masked input while masks are on)."""
+    """The latest input of one linear, as it is before any mask multiplies it."""
 
     def __init__(self, linear: nn.Module):
         self.value: torch.Tensor | None = None
-        self._handle = linear.register_forward_pre_hook(self._record)
+        self._handle = linear.register_forward_pre_hook(self._record, prepend=True)
 
     def _record(self, module: nn.Module, args: tuple) -> None:
         self.value = args[0]
@@ -281,28 +285,79 @@ def _token_drift(pruned: list[torch.Tensor], dense: list[torch.Tensor]) -> float
     return (sums[0] / sums[1]).item()
 
 
+@dataclass
+class _LinearRefit:
+    """The refit of one pruned linear of one layer, down_proj (MLP neurons) or o_proj (attention groups), while
+    the layer's passes run: records the linear's input and accumulates its statistics."""
+
+    masks: ChannelMasks
+    layer: int
+    drift: float  # β of the target (0 for one-shot and for o_proj)
+    intercept: bool
+
+    def __post_init__(self) -> None:
+        linear = self.masks.linears[self.layer]
+        self.kept = torch.nonzero(self.masks.channel_mask(self.layer)).flatten()
+        self.weight = linear.weight.detach().double()  # (out, in)
+        self.stats = RefitStatistics.zeros(self.kept.numel(), self.weight.shape[0], self.weight.device)
+        self.inputs = _Inputs(linear)
+
+    def add(self, weights: torch.Tensor | None, following: torch.Tensor, before_mlp: torch.Tensor | None) -> None:
+        """Add the tokens of the pass just run: `weights` (tokens,) or None, `following` the dense stream after the
+        layer and `before_mlp` the pruned stream before its MLP (tokens, H), fp64 (the latter only with drift)."""
+        u = self.inputs.take()
+        goal = u @ self.weight.T
+        if self.drift > 0:
+            goal = (1 - self.drift) * goal + self.drift * (following - before_mlp)
+        self.stats.add(u[:, self.kept], goal, weights)
+
+    def solve(self, damping: float) -> dict:
+        """All-reduce the sums, solve, hold the refit in the masks; the layer's report row."""
+        self.inputs.remove()
+        all_reduce_sum(self.stats.tensors())
+        old_bias = self.masks.bias[self.layer]
+        before = self.stats.relative_error(self.weight[:, self.kept], None if old_bias is None else old_bias.double())
+        fitted, bias, jitter = refit(self.stats, damping, self.intercept)
+        dtype = self.masks.linears[self.layer].weight.dtype
+        self.masks.weight[self.layer] = torch.zeros_like(self.weight).index_copy_(1, self.kept, fitted).to(dtype)
+        self.masks.bias[self.layer] = None if bias is None else bias.to(dtype)
+        return {"error_before": before, "error_after": self.stats.relative_error(fitted, bias), "jitter": jitter}
+
+
+@contextmanager
+def _masks_off(*masks: ChannelMasks | None) -> Iterator[None]:
+    with ExitStack() as stack:
+        for each in masks:
+            if each is not None:
+                stack.enter_context(each.disabled())
+        yield
+
+
 def reconstruct(
     model: nn.Module,
     masks: NeuronMasks,
     calibration: torch.Tensor,
     config: ReconstructConfig | None = None,
     *,
+    heads: HeadMasks | None = None,
     micro_batch: int = 1,
     bf16: bool = False,
 ) -> dict:
-    """Refit the kept down_proj weights of every layer that lost neurons, into `masks` (see the module docstring).
+    """Refit the kept down_proj weights of every layer that lost neurons, and with `heads` the kept o_proj weights
+    of every layer that lost attention groups, into the masks (see the module docstring).
 
     `calibration`: (N, S) token ids, shared out over processes by micro-batches of `micro_batch` windows (the
-    sums are added with one all-reduce per layer); `bf16`: bf16 autocast for the layer passes (the sums and solves
-    stay fp64). Sets `masks.down_weight[l]` ((H, I_l), removed columns zero, the weight's dtype and device) and
-    `masks.down_bias[l]` (the intercept, or None: a compensation bias is replaced) for each layer with removed
-    neurons, None for the others; the model's weights are not touched.
+    sums are added with one all-reduce per layer and linear); `bf16`: bf16 autocast for the layer passes (the sums
+    and solves stay fp64). Sets `masks.weight[l]` ((H, I_l), removed columns zero, the weight's dtype and device)
+    and `masks.bias[l]` (the intercept, or None: a compensation bias is replaced) for each layer with removed
+    neurons, None for the others, and `heads.weight[l]` likewise (o_proj: no intercept, and the target is the dense
+    layer's output on the same inputs, drift 0); the model's weights are not touched.
 
     Returns a report: the mode (alone for `none`), the other settings, tokens, seconds, and per layer the kept width,
     the Cholesky jitter and the relative squared error Σ w‖T − W u − b‖² / Σ w‖T‖² on the calibration tokens
-    before (the plain masked layer, with its compensation bias if any) and after the refit; `sequential` adds
-    `hidden_error`, the mean over tokens of ‖h_pruned − h_dense‖² / ‖h_dense‖² of the hidden states after the
-    layer.
+    before (the plain masked layer, with its compensation bias if any) and after the refit (under `attention` the
+    same for o_proj); `sequential` adds `hidden_error`, the mean over tokens of ‖h_pruned − h_dense‖² / ‖h_dense‖²
+    of the hidden states after the layer.
     """
     config = config or ReconstructConfig()
     config.validate()
@@ -326,55 +381,55 @@ def reconstruct(
     start = time.perf_counter()
     layers = architecture.decoder_layers(model)
     mlps = architecture.mlps(model)
-    device = architecture.projections(mlps[0])[2].weight.device
+    device = masks.linears[0].weight.device
     dense, arguments = _layer_inputs(model, layers, shard_windows(calibration, micro_batch), device, bf16)
     if sequential:
         report["drift"] = beta
     if beta > 0:
-        with masks.disabled():
+        with _masks_off(masks, heads):
             if not _adds_mlp_output(layers[0], mlps[0], dense[0], arguments[0][0], model, bf16):
                 raise SdmpruneError(f"'{model.config.model_type}' transforms the MLP output before adding it to the "
                                     "residual stream, so the drift cannot be fitted: use --drift 0 or one-shot")
     pruned = list(dense)  # the same tensors until the first pruned layer
     rows = []
     for index in tqdm(range(len(layers)), desc="reconstruct", unit="layer", disable=not is_main()):
-        layer, down, keep = layers[index], architecture.projections(mlps[index])[2], masks.keep[index]
-        kept = torch.nonzero(keep).flatten()
-        weight = down.weight.detach().double()  # (H, I)
-        stats = RefitStatistics.zeros(kept.numel(), weight.shape[0], device) if kept.numel() < keep.numel() else None
-        recorder = _Inputs(down)
+        layer, kwargs = layers[index], [a[index] for a in arguments]
+        refits = []  # in the order the layer runs them: o_proj, then down_proj
+        if heads is not None and not heads.keep[index].all():
+            refits.append(_LinearRefit(heads, index, 0.0, False))
+        if not masks.keep[index].all():
+            refits.append(_LinearRefit(masks, index, beta, config.intercept))
         try:
-            for i, kwargs in enumerate(a[index] for a in arguments):
-                with masks.disabled():
-                    dense_next = _run_layer(layer, dense[i], kwargs, model, bf16)
-                    if stats is not None and sequential:
-                        with _without(mlps[index]):  # the pruned stream before the MLP, a_pruned
-                            pruned_mid = _run_layer(layer, pruned[i], kwargs, model, bf16)
-                if stats is not None:
-                    u = recorder.take()  # (tokens, I) fp64, of the pruned stream when sequential
-                    following = dense_next.flatten(0, -2).double()  # (tokens, H)
-                    goal = u @ weight.T
-                    if beta > 0:
-                        goal = (1 - beta) * goal + beta * (following - pruned_mid.flatten(0, -2).double())
-                    stats.add(u[:, kept], goal, 1 / following.pow(2).mean(1) if config.normalised else None)
-                dense[i] = dense_next
+            following, weights = [], []  # per micro-batch: the dense stream after the layer, the token weights
+            for i in range(len(dense)):
+                with _masks_off(masks, heads):
+                    following.append(_run_layer(layer, dense[i], kwargs[i], model, bf16))
+                flat = following[-1].flatten(0, -2).double()  # (tokens, H)
+                weights.append(1 / flat.pow(2).mean(1) if config.normalised else None)
+                if not sequential:
+                    for each in refits:
+                        each.add(weights[i], flat, None)
+            row = {"layer": index, "kept": int(masks.keep[index].sum())}
+            for each in refits:
+                if sequential:  # the pruned stream through the layer, its MLP zeroed: a_pruned
+                    for i in range(len(dense)):
+                        with masks.disabled(), _without(mlps[index]):
+                            before_mlp = _run_layer(layer, pruned[i], kwargs[i], model, bf16)
+                        each.add(weights[i], following[i].flatten(0, -2).double(), before_mlp.flatten(0, -2).double())
+                solved = each.solve(config.damping)
+                if each.masks is heads:
+                    row["attention"] = {"kept_groups": int(heads.keep[index].sum()), **solved}
+                else:
+                    row.update(solved)
         finally:
-            recorder.remove()
-        row = {"layer": index, "kept": kept.numel()}
-        masks.down_weight[index] = None
-        if stats is not None:
-            all_reduce_sum(stats.tensors())
-            old_bias = masks.down_bias[index]
-            row["error_before"] = stats.relative_error(weight[:, kept], None if old_bias is None else old_bias.double())
-            fitted, bias, jitter = refit(stats, config.damping, config.intercept)
-            row.update(error_after=stats.relative_error(fitted, bias), jitter=jitter)
-            masks.down_weight[index] = torch.zeros_like(weight).index_copy_(1, kept, fitted).to(down.weight.dtype)
-            masks.down_bias[index] = None if bias is None else bias.to(down.weight.dtype)
-        else:
-            masks.down_bias[index] = None
+            for each in refits:
+                each.inputs.remove()
+        for each in (masks, heads):  # a layer that lost nothing keeps its own weight (and no compensation bias)
+            if each is not None and each.keep[index].all():
+                each.weight[index] = each.bias[index] = None
+        dense = following
         if sequential:
-            pruned = [_run_layer(layer, hidden, kwargs[index], model, bf16) for hidden, kwargs in zip(pruned, arguments,
-                                                                                                    strict=True)]
+            pruned = [_run_layer(layer, hidden, kw, model, bf16) for hidden, kw in zip(pruned, kwargs, strict=True)]
             row["hidden_error"] = _token_drift(pruned, dense)
         rows.append(row)
     report.update(tokens=calibration.numel(), seconds=time.perf_counter() - start, layers=rows)

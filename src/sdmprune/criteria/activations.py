@@ -107,4 +107,4 @@ def compensate_bias(context: ScoringContext) -> None:
         down = gathered(architecture.projections(mlp)[2].weight).detach().float()  # (H, I)
         removed = (~keep).float() * stats.mean[layer]  # (I,): mean output of removed neurons, 0 for kept
         biases.append(down @ removed)
-    context.masks.down_bias = biases
+    context.masks.bias = biases

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from ..errors import SdmpruneError
 from ..io import atomic_directory, check_output_dir
-from ..masks import HeadMasks, NeuronMasks, count_parameters
+from ..masks import ChannelMasks, HeadMasks, NeuronMasks, count_parameters
 from ..models.architectures import Architecture, attention_group_shape, get_architecture
 from ..models.resize import resize_attention, resize_mlp
 from ..runtime import library_versions
@@ -56,32 +56,38 @@ def _store_down_bias(architecture: Architecture, model: PreTrainedModel, biases:
         down.bias = nn.Parameter(total, requires_grad=weight.requires_grad)
 
 
+def _take_refits(masks: ChannelMasks) -> None:
+    """Make each refit weight held by `masks` the masked linear's own weight."""
+    for linear, refit in zip(masks.linears, masks.weight, strict=True):
+        if refit is not None:
+            weight = refit.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+
+
 def slice_model(model: PreTrainedModel, masks: NeuronMasks, *, padded: bool = False,
                 heads: HeadMasks | None = None) -> list[int]:
     """Remove the masked neurons (and, with `heads`, attention groups) from `model` in place and detach
     the masks; returns the stored widths.
 
-    With `padded`, layers narrower than the widest are zero-padded to its width (and head count). A
-    down_proj weight held by the masks (the reconstruction's refit, (H, I_l)) replaces down_proj's before
-    slicing, and a down_proj bias held by them (compensation or intercept) becomes down_proj's bias.
+    With `padded`, layers narrower than the widest are zero-padded to its width (and head count). A weight
+    held by the masks (the reconstruction's refit of down_proj, (H, I_l), or of o_proj) replaces the linear's
+    own before slicing, and a down_proj bias held by them (compensation or intercept) becomes down_proj's bias.
     """
     architecture = get_architecture(model)
     widths = masks.widths
     width_max = max(widths)
-    for mlp, keep, refit in zip(architecture.mlps(model), masks.keep, masks.down_weight, strict=True):
-        if refit is not None:
-            down = architecture.projections(mlp)[2]
-            weight = refit.to(device=down.weight.device, dtype=down.weight.dtype)
-            down.weight = nn.Parameter(weight, requires_grad=down.weight.requires_grad)
+    _take_refits(masks)
+    for mlp, keep in zip(architecture.mlps(model), masks.keep, strict=True):
         index = torch.nonzero(keep).flatten()
         resize_mlp(architecture, mlp, index, width_max if padded else index.numel())
-    if any(bias is not None for bias in masks.down_bias):
-        _store_down_bias(architecture, model, masks.down_bias)
+    if any(bias is not None for bias in masks.bias):
+        _store_down_bias(architecture, model, masks.bias)
     masks.remove()
     setattr(model.config, architecture.width_key, width_max)
     if heads is not None:
         group_size, head_dim = attention_group_shape(model)
         groups_max = max(heads.kv_heads)
+        _take_refits(heads)
         for attention, keep in zip(architecture.attentions(model), heads.keep, strict=True):
             index = torch.nonzero(keep).flatten()
             resize_attention(architecture, attention, index, groups_max if padded else index.numel(),

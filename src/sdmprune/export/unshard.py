@@ -29,7 +29,7 @@ def unshard_for_export(model: nn.Module, masks: NeuronMasks) -> tuple[nn.Module,
         plain.get_submodule(owner)._buffers[leaf] = buffer.detach().to("cpu", copy=True)
     plain.tie_weights()
     plain_masks = NeuronMasks(plain.eval(), masks.keep)
-    plain_masks.down_bias = list(masks.down_bias)
+    plain_masks.bias = list(masks.bias)
     return plain, plain_masks
 
 

@@ -5,7 +5,8 @@ numerous teachers from the same model, then the same export.
     report = nuteprune.run(nuteprune.NutePruneRun.of(ratio=0.2, train_steps=500, output="runs/nute20"))
 
 Steps: check every input → load → calibration (its training windows) → perplexity before → train
-(resumable) → perplexity after → export with the step log and trajectory plot.
+(resumable) → reconstruct (optional refit of the kept down_proj and o_proj weights towards the merged model with
+the masks off, on the same windows) → perplexity after → export with the step log and trajectory plot.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..errors import SdmpruneError
 from ..export import export_pruned
 from ..nuteprune import NutePruneConfig, nuteprune, write_training_outputs
 from ..options import validate
+from ..reconstruct import ReconstructConfig, reconstruct
 from .options import PruningRunOptions
 from .prune import FINISHED
 from .steps import calibration_windows, load, measure, perplexity_change, perplexity_windows
@@ -29,6 +31,7 @@ class NutePruneRun(PruningRunOptions):
     data), export."""
 
     nuteprune: NutePruneConfig = field(default_factory=NutePruneConfig)
+    reconstruction: ReconstructConfig = field(default_factory=ReconstructConfig)
 
 
 def run(config: NutePruneRun) -> dict:
@@ -47,6 +50,10 @@ def run(config: NutePruneRun) -> dict:
     clear_for_new_run(output, resume)
     result = nuteprune(model, settings, calibration=calibration, calibration_summary=summary, state_dir=output,
                        resume=resume)
+    if config.reconstruction.reconstruct != "none":  # deterministic: a resumed run refits again
+        result.report["reconstruction"] = reconstruct(result.model, result.masks, calibration, config.reconstruction,
+                                                      heads=result.heads, micro_batch=settings.train_batch_size,
+                                                      bf16=bf16)
     if windows is not None:
         evaluation["after"] = measure(result.model, tokenizer, windows, config.evaluation, bf16)
     report = {**result.report, "source_model": config.model.model, "evaluation": evaluation}
