@@ -1,6 +1,9 @@
 """Reconstruction check on SmolLM2-135M: WikiText-2 perplexity of structured-Wanda masks with no refit, the one-shot
 refit and the sequential refit (its target over β = `--drift`), with and without token normalisation, a damping
-sweep and the intercept on/off; seconds and peak memory of the reconstruction stage.
+sweep and the intercept on/off, and token weights from the self-distillation gradient (`kd`: each token's error
+weighted by ‖∂KL/∂h_l‖², the squared norm of the gradient of KL(dense ‖ masked model) with respect to the hidden
+state after the layer, from one backward pass of the plain masked model); seconds and peak memory of the
+reconstruction stage.
 
     .venv/bin/python bench/reconstruct_check.py [--data-dir ../shared/data] [--threads 2]
 
@@ -15,6 +18,7 @@ configuration; a rerun skips configurations already there (delete the JSON to st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import math
@@ -31,7 +35,7 @@ from sdmprune import load_model, perplexity
 from sdmprune.data import load_calibration, load_text
 from sdmprune.evaluation.perplexity import tokenize_windows
 from sdmprune.masks import NeuronMasks, count_parameters
-from sdmprune.reconstruct import ReconstructConfig, reconstruct
+from sdmprune.reconstruct import ReconstructConfig, RefitStatistics, reconstruct
 from sdmprune.runtime import library_versions
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,13 +46,16 @@ DEFAULT = ReconstructConfig()
 
 
 def run(ratio: float, mode: str = "none", *, drift: float | None = None, damping: float | None = DEFAULT.damping,
-        intercept: bool = False, normalised: bool = DEFAULT.normalised) -> dict:
-    """One configuration; `drift` (β) for sequential runs only."""
+        intercept: bool = False, normalised: bool = DEFAULT.normalised, kd: bool = False) -> dict:
+    """One configuration; `drift` (β) for sequential runs only; `kd`: distillation-gradient token weights (times
+    1/ms(h) when `normalised`)."""
     if mode == "none":
         return dict(ratio=ratio, mode=mode, drift=None, damping=None, intercept=False, normalised=False)
     if mode == "sequential" and drift is None:
         drift = DEFAULT.drift
-    return dict(ratio=ratio, mode=mode, drift=drift, damping=damping, intercept=intercept, normalised=normalised)
+    extra = {"kd": True} if kd else {}
+    return dict(ratio=ratio, mode=mode, drift=drift, damping=damping, intercept=intercept, normalised=normalised,
+                **extra)
 
 
 def configurations() -> list[dict]:
@@ -71,11 +78,68 @@ def configurations() -> list[dict]:
         drifts = DRIFTS if ratio == first else (0.0, 0.25, 0.5, 1.0)
         runs += [run(ratio, "sequential", drift=drift) for drift in drifts]
         runs += [run(ratio, "one-shot", intercept=True), run(ratio, "sequential", intercept=True)]
+    runs += [run(first, mode, normalised=normalised, kd=True) for mode in ("one-shot", "sequential")
+             for normalised in (False, True)]
     return [dict(item) for item in {key(item): item for item in runs}.values()]
 
 
 def key(run: dict) -> str:
-    return "|".join(str(run[name]) for name in ("ratio", "mode", "drift", "damping", "intercept", "normalised"))
+    return "|".join(str(run[name]) for name in ("ratio", "mode", "drift", "damping", "intercept", "normalised")) + (
+        "|kd" if run.get("kd") else "")
+
+
+def distillation_weights(model, masks: NeuronMasks, calibration: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:
+    """Per layer, (N·S,) fp64: ‖∂KL/∂h_l‖² per calibration token, h_l the masked model's hidden state after decoder
+    layer l, KL(p_dense ‖ p_masked) per token (T = 1), summed over tokens; micro-batches in calibration order."""
+    layers = model.model.layers
+    norms: list[list[torch.Tensor]] = [[] for _ in layers]
+    outputs: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+               for layer in layers]
+    handles.append(model.model.embed_tokens.register_forward_hook(lambda m, a, out: out.requires_grad_()))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    try:
+        for batch in calibration.split(micro_batch):
+            with torch.inference_mode(), masks.disabled():
+                teacher = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
+            outputs.clear()
+            student = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
+            for output in outputs:
+                output.retain_grad()
+            kl = (teacher.exp() * (teacher - student)).sum()
+            kl.backward()
+            for layer, output in enumerate(outputs):
+                norms[layer].append(output.grad.flatten(0, -2).double().pow(2).sum(1))
+            outputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(parts) for parts in norms]
+
+
+class TokenWeights:
+    """Multiplies the token weights of every `RefitStatistics.add` by the matching slice of per-layer weights: the
+    reconstruction adds each layer's micro-batches in calibration order, one layer after the other (down_proj only)."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        self.weights, self.layer, self.offset = weights, 0, 0
+
+    def __enter__(self) -> TokenWeights:
+        self.original = RefitStatistics.add
+
+        def add(stats, inputs, targets, weights=None):
+            if self.offset == self.weights[self.layer].numel():
+                self.layer, self.offset = self.layer + 1, 0
+            extra = self.weights[self.layer][self.offset:self.offset + inputs.shape[0]]
+            self.offset += inputs.shape[0]
+            self.original(stats, inputs, targets, extra if weights is None else weights * extra)
+
+        RefitStatistics.add = add
+        return self
+
+    def __exit__(self, *exc) -> None:
+        RefitStatistics.add = self.original
 
 
 def wanda_norms(model, calibration: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:
@@ -140,6 +204,11 @@ class PeakMemory:
         return (self.peak - self.start) / 2**20
 
 
+def weighting(run: dict) -> str:
+    plain = "1/ms(h)" if run["normalised"] else "1"
+    return ("‖g‖²" + (" × 1/ms(h)" if run["normalised"] else "")) if run.get("kd") else plain
+
+
 def markdown(record: dict) -> str:
     lines = [
         "# Reconstruction check (SmolLM2-135M, structured Wanda masks)",
@@ -162,7 +231,7 @@ def markdown(record: dict) -> str:
         hidden = f"{run['hidden_error']:.4f}" if "hidden_error" in run else ""
         lines.append(
             f"| {run['ratio']} | {run['mode']} | {'' if run['drift'] is None else run['drift']} | {run['damping']:g} | "
-            f"{'yes' if run['intercept'] else 'no'} | {'1/ms(h)' if run['normalised'] else '1'} | {run['ppl']:.1f} | "
+            f"{'yes' if run['intercept'] else 'no'} | {weighting(run)} | {run['ppl']:.1f} | "
             f"{run['seconds']:.0f} | {run['peak_mib']:.0f} | {errors} | {hidden} |"
         )
     lines += [
@@ -172,7 +241,10 @@ def markdown(record: dict) -> str:
         "weights 1/ms(h): each token's squared error weighted by 1 / mean(h²), h the dense hidden state after the "
         "layer (the scale the next RMSNorm divides out). Layer error: Σ w‖T − W u − b‖² / Σ w‖T‖² on the "
         "calibration tokens, averaged over layers; before = the plain masked layer. Last hidden error (sequential): "
-        "mean over calibration tokens of ‖h_pruned − h_dense‖² / ‖h_dense‖² after the last layer.",
+        "mean over calibration tokens of ‖h_pruned − h_dense‖² / ‖h_dense‖² after the last layer. Token weights "
+        "‖g‖²: the self-distillation gradient ‖∂KL(p_dense ‖ p_masked)/∂h_l‖² of each token at the hidden state "
+        "after the layer, from one forward and backward pass of the plain masked model over the calibration windows "
+        "(seconds: " + ", ".join(f"{r}: {s:.0f}" for r, s in record.get("kd_weight_seconds", {}).items()) + ").",
         "",
         *record.get("notes", []),
         "",
@@ -187,6 +259,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("SDMPRUNE_DATA_DIR", "../shared/data"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="a subset of the ratios")
+    parser.add_argument("--kd-only", action="store_true", help="only the distillation-weighted configurations")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -210,18 +284,24 @@ def main() -> None:
     if "dense_ppl" not in record:
         record["dense_ppl"] = perplexity(model, tokenizer, windows, progress=False)["ppl"]
     norms = wanda_norms(model, calibration, args.micro_batch)
-    for ratio in RATIOS:
-        runs = [run for run in configurations() if run["ratio"] == ratio and key(run) not in done]
+    for ratio in args.ratios:
+        runs = [run for run in configurations() if run["ratio"] == ratio and key(run) not in done
+                and (run.get("kd") or not args.kd_only)]
         if not runs:
             continue
         masks = NeuronMasks(model, wanda_masks(model, norms, ratio))
+        kd_weights = None
         for run in runs:
             masks.weight = [None] * len(masks.keep)
             masks.bias = [None] * len(masks.keep)
             if run["mode"] != "none":
                 config = ReconstructConfig(run["mode"], run["damping"], run["intercept"],
                                            DEFAULT.drift if run["drift"] is None else run["drift"], run["normalised"])
-                with PeakMemory() as memory:
+                if run.get("kd") and kd_weights is None:
+                    start = time.perf_counter()
+                    kd_weights = distillation_weights(model, masks, calibration, args.micro_batch)
+                    record.setdefault("kd_weight_seconds", {})[str(ratio)] = time.perf_counter() - start
+                with PeakMemory() as memory, (TokenWeights(kd_weights) if run.get("kd") else contextlib.nullcontext()):
                     report = reconstruct(model, masks, calibration, config, micro_batch=args.micro_batch)
                 rows = report["layers"]
                 run.update(seconds=report["seconds"], peak_mib=memory.above_start_mib,

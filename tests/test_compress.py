@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import VOCAB, tiny_model
 
 from sdmprune.config import LoraOptions
 from sdmprune.errors import SdmpruneError
@@ -18,7 +18,9 @@ from sdmprune.lora import attach_lora
 from sdmprune.masks import NeuronMasks
 from sdmprune.recipes import compress
 from sdmprune.reconstruct import ReconstructConfig, reconstruct
-from sdmprune.recovery.data import collate, text_windows
+from sdmprune.recovery.cached_teacher import CachedTeacher, cache_teacher
+from sdmprune.recovery.data import IGNORE_INDEX, collate, text_windows
+from sdmprune.recovery.finetune import model_teacher, recovery_loss_sums
 
 DATA_DIR = Path(os.environ.get("SDMPRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 schedule = importlib.import_module("sdmprune.schedule")
@@ -51,6 +53,30 @@ def test_live_teacher_is_the_dense_model_after_reconstruction_and_training():
         student = peft_model(input_ids=ids).logits
     assert not torch.allclose(student, dense, atol=1e-3)  # the student itself is the pruned, adapted model
     assert masks.enabled
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cached_kl_equals_the_live_kl_when_k_covers_the_vocabulary(temperature, tmp_path):
+    teacher_model, student_model = tiny_model("qwen2"), tiny_model("qwen2", seed=1)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    data = text_windows(ids)
+    data.labels[1][:5] = [IGNORE_INDEX] * 5  # a masked prompt: only target positions are cached
+    batch = collate(data, [2, 1], pad_id=0)
+    with torch.inference_mode():
+        student = student_model(input_ids=batch["input_ids"]).logits
+    live = model_teacher(teacher_model, bf16=False)(batch)
+    _, live_kl, n = recovery_loss_sums(student, batch["labels"], live, temperature)
+    kls = {}
+    for k in (VOCAB, 16, 1):
+        path = tmp_path / f"top{k}.safetensors"
+        description = cache_teacher(teacher_model, data, path, top_k=k, temperature=temperature, bf16=False,
+                                    batch_size=2, pad_id=0)
+        assert description["target_tokens"] == 3 * 15 - 4 and description["bytes_per_token"] == 8 * k
+        targets = CachedTeacher(path, torch.device("cpu"))(batch)
+        assert targets.indices.shape == (n, k)
+        kls[k] = recovery_loss_sums(student, batch["labels"], targets, temperature)[1]
+    torch.testing.assert_close(kls[VOCAB], live_kl, rtol=1e-5, atol=1e-5)
+    assert 0 < kls[1] < kls[16] <= live_kl + 1e-5  # lumping the tail: a lower bound, tighter with k
 
 
 def test_dry_run_plans_the_stages_the_run_executes(saved_model, text_file, tmp_path, capsys):
@@ -97,16 +123,23 @@ def kill_in(stage: str, monkeypatch) -> None:
         monkeypatch.setattr(compress, target, lambda *a, **k: (_ for _ in ()).throw(Killed))
 
 
-@pytest.mark.parametrize("stage", ["prune", "reconstruct", "recover", "evaluate", "export"])
-def test_killed_in_any_stage_resumes_to_the_same_export(stage, saved_model, text_file, tmp_path, monkeypatch):
-    compress.run(compress.CompressRun.of(**options(saved_model, text_file, tmp_path / "straight")))
+@pytest.mark.parametrize("stage, teacher", [("prune", "live"), ("reconstruct", "live"), ("recover", "live"),
+                                            ("recover", "cached"), ("evaluate", "live"), ("export", "live")])
+def test_killed_in_any_stage_resumes_to_the_same_export(stage, teacher, saved_model, text_file, tmp_path,
+                                                        monkeypatch):
+    settings = {"recover_teacher": teacher, "recover_top_k": 8}
+    compress.run(compress.CompressRun.of(**options(saved_model, text_file, tmp_path / "straight"), **settings))
     killed = tmp_path / "killed"
     with monkeypatch.context() as patch:
         kill_in(stage, patch)
         with pytest.raises(Killed):
-            compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed)))
+            compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed), **settings))
     with pytest.raises(SdmpruneError, match="interrupted run"):
-        compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed)))
-    compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed), resume=True))
+        compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed), **settings))
+    compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed), resume=True, **settings))
     for name in ("model.safetensors", "config.json"):
         assert (killed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    if teacher == "cached":
+        stages = {s["stage"]: s for s in json.loads((killed / "pruning.json").read_text())["stages"]}
+        assert stages["calibrate"]["teacher_cache"]["bytes_per_token"] == 64
+        assert stages["recover"]["teacher"] == "cached top-8 log-probabilities"

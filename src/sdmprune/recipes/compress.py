@@ -7,7 +7,8 @@ Stages, each resumable (a killed run continued with --resume ends with the same 
 check every input → calibrate (calibration and recovery windows, dense perplexity) → prune (the
 recommended SDMPrune preset; masks only) → reconstruct (refit of the kept down_proj weights, held beside
 the weights) → recover (LoRA distilled from the dense model, which is the same weights with adapters and
-masks off: no second copy) → evaluate (zero-shot tasks, optional) → export (LoRA merged, sliced, written).
+masks off: no second copy; or from the dense model's top-k log-probabilities cached in the calibrate stage) →
+evaluate (zero-shot tasks, optional) → export (LoRA merged, sliced, written).
 Perplexity is measured after every stage that changes the model and plotted in `stages.png`.
 """
 
@@ -31,6 +32,7 @@ from ..masks import NeuronMasks, count_parameters
 from ..options import described, to_dict, validate
 from ..pruning import PruneConfig, prune
 from ..reconstruct import ReconstructConfig, reconstruct
+from ..recovery.cached_teacher import CachedTeacher, cache_teacher
 from ..recovery.data import IGNORE_INDEX, load_instructions, text_windows, tokenize_dataset
 from ..recovery.finetune import RecoveryOptions, TeacherLogits, train
 from ..runtime import autocast_context, context_length
@@ -47,9 +49,12 @@ COMPRESS_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"
 FORWARD_EFFICIENCY, TRAINING_EFFICIENCY = 0.8, 0.4
 
 
+TEACHERS = ("live", "cached")
+
+
 @dataclass
 class RecoverySource:
-    """recovery data"""
+    """recovery data and teacher"""
 
     recover_data: str = field(default="c4", metadata=described(
         "text to distil on (c4, wikitext2, a .txt file, a .jsonl file with a text field, a directory of them, or "
@@ -58,9 +63,21 @@ class RecoverySource:
     recover_tokens: int = field(default=16384, metadata=described(
         "tokens of recovery data per epoch (windows of --max-len; instruction data: the first examples up to it)"))
 
+    recover_teacher: str = field(default="live", metadata=described(
+        "live: the dense model from the same weights (adapters and masks off), run at every step; cached: its top-k "
+        "log-probabilities over the recovery data, computed once before pruning and stored in the output, so that "
+        "no teacher runs during recovery (see --recover-top-k)"))
+    recover_top_k: int = field(default=64, metadata=described(
+        "cached teacher: teacher tokens kept per position (8·k bytes per token on disk); the KL lumps the others "
+        "into one outcome"))
+
     def validate(self) -> None:
         if self.recover_tokens < 1:
             raise SdmpruneError(f"--recover-tokens must be at least 1, got {self.recover_tokens}")
+        if self.recover_teacher not in TEACHERS:
+            raise SdmpruneError(f"unknown --recover-teacher '{self.recover_teacher}': choose {', '.join(TEACHERS)}")
+        if self.recover_top_k < 1:
+            raise SdmpruneError(f"--recover-top-k must be at least 1, got {self.recover_top_k}")
 
 
 @dataclass
@@ -112,14 +129,16 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     task_tokens = 40_000 * len(parse_task_names(config.tasks.tasks)) if config.tasks.tasks else 0  # at --limit 200
     reconstruct_passes = {"none": 0, "one-shot": 1, "sequential": 2}[config.reconstruction.reconstruct]
     recovering = config.source.recover_data != "none"
+    cached = recovering and config.source.recover_teacher == "cached"
     cold_start = 4 if pruning.criterion.name == "sdmprune" else 0
     # (forward-only FLOPs, training FLOPs): 2 per parameter and token forward, 6 with the backward pass
     work = {
-        "calibrate": (2 * params * eval_tokens, 0),
+        "calibrate": (2 * params * (eval_tokens + cached * recovery_tokens // config.recovery.epochs), 0),
         "prune": (2 * params * (eval_tokens + pruning.steps * calibration_tokens),
                   (cold_start + 4 * pruning.steps) * params * calibration_tokens),
         "reconstruct": (2 * params * (eval_tokens + reconstruct_passes * calibration_tokens), 0),
-        "recover": (2 * params * (eval_tokens + recovery_tokens), 6 * params * recovery_tokens * recovering),
+        "recover": (2 * params * (eval_tokens + (not cached) * recovery_tokens),
+                    6 * params * recovery_tokens * recovering),
         "evaluate": (2 * params * task_tokens, 0),
         "export": (0, 0),
     }
@@ -228,6 +247,8 @@ def run(config: CompressRun) -> dict:
                                                pruning.runtime.seed)
     data = recovery_data(config, model, tokenizer) if config.source.recover_data != "none" else None
     clear_for_new_run(output, resume)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    teacher_cache = output / "stages" / "teacher_top_k.safetensors"
 
     settings = {k: v for k, v in to_dict(config).items() if k not in ("output", "dry_run")}
     state = Checkpoint(output)  # the stages done and their figures; prune and recover keep their own states
@@ -251,6 +272,11 @@ def run(config: CompressRun) -> dict:
 
     names_in_plan = [s["stage"] for s in stages]
     started = begin(1, "calibrate")
+    if data is not None and config.source.recover_teacher == "cached" and "calibrate" not in progress["done"]:
+        reports["calibrate"] = {"teacher_cache": cache_teacher(
+            model, data, teacher_cache, top_k=config.source.recover_top_k,
+            temperature=config.recovery.kd_temperature, bf16=bf16, batch_size=config.recovery.batch_size,
+            pad_id=pad_id)}
     finish("calibrate", started, "dense")
 
     started = begin(2, "prune")
@@ -271,15 +297,17 @@ def run(config: CompressRun) -> dict:
         peft_model, _ = attach_lora(model, config.recovery.lora)
         peft_model.train()
         recovery_state = Checkpoint(output / "stages" / "recover")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        trained = train(peft_model, live_teacher(peft_model, masks, bf16), data, pad_id, config.recovery,
-                        pruning.runtime, recovery_state, settings, resume=recovery_state.exists(),
-                        keep_final_state=True)
+        cached = config.source.recover_teacher == "cached"
+        teacher = (CachedTeacher(teacher_cache, next(model.parameters()).device) if cached
+                   else live_teacher(peft_model, masks, bf16))
+        trained = train(peft_model, teacher, data, pad_id, config.recovery, pruning.runtime, recovery_state, settings,
+                        resume=recovery_state.exists(), keep_final_state=True)
         model = peft_model.merge_and_unload().eval()
         reports["recover"] = {**reports.get("recover", {}), "steps": trained["steps"], "tokens": trained["tokens"],
                               "target_tokens": trained["target_tokens"], "first_loss": trained["log"][0]["loss"],
                               "final_loss": trained["log"][-1]["loss"],
-                              "teacher": "live (same weights, adapters and masks off)"}
+                              "teacher": f"cached top-{config.source.recover_top_k} log-probabilities" if cached
+                              else "live (same weights, adapters and masks off)"}
         finish("recover", started, "recovered")
 
     started = begin(names_in_plan.index("evaluate") + 1, "evaluate")

@@ -143,7 +143,8 @@ def text_windows(windows: torch.Tensor) -> TokenizedData:
 
 
 def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """A right-padded batch: input_ids, attention_mask and labels, each (B, S) with S the longest example."""
+    """A right-padded batch: input_ids, attention_mask and labels, each (B, S) with S the longest example, and
+    example (B,), the examples' indices in `data`."""
     length = max(len(data.input_ids[i]) for i in indices)
     input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
     labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
@@ -153,4 +154,5 @@ def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict[str, t
         input_ids[row, :n] = torch.tensor(data.input_ids[i])
         labels[row, :n] = torch.tensor(data.labels[i])
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "example": torch.tensor(indices, dtype=torch.long)}

@@ -41,6 +41,7 @@ from ..errors import SdmpruneError
 from ..losses import kl_per_position
 from ..options import described
 from ..runtime import autocast_context
+from .cached_teacher import TopKTargets, top_k_kl
 from .data import IGNORE_INDEX, TokenizedData, collate
 
 
@@ -98,7 +99,8 @@ class FinetuneConfig:
             raise SdmpruneError(f"--max-samples must be 0 or more, got {self.max_samples}")
 
 
-TeacherLogits = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+# A batch -> the teacher at its n target positions: logits (n, V), or cached top-k targets
+TeacherLogits = Callable[[dict[str, torch.Tensor]], torch.Tensor | TopKTargets]
 
 
 def model_teacher(teacher: nn.Module, bf16: bool) -> TeacherLogits:
@@ -117,13 +119,14 @@ def model_teacher(teacher: nn.Module, bf16: bool) -> TeacherLogits:
 def recovery_loss_sums(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | TopKTargets | None = None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """(CE sum, KL sum or None, n) over the n target positions of a batch.
 
     logits (B, S, V) predict labels[:, 1:] (B, S); positions labelled IGNORE_INDEX are left out.
-    teacher_logits (n, V) are the teacher's at those positions; KL = KL(softmax(z_t/T) || softmax(z_s)).
+    teacher_logits (n, V) are the teacher's at those positions; KL = KL(softmax(z_t/T) || softmax(z_s)). Cached
+    top-k targets carry the teacher's temperature already (`cached_teacher.top_k_kl`).
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
@@ -131,6 +134,8 @@ def recovery_loss_sums(
     ce = F.cross_entropy(student, targets[mask], reduction="sum")
     if teacher_logits is None:
         return ce, None, student.shape[0]
+    if isinstance(teacher_logits, TopKTargets):
+        return ce, top_k_kl(student, teacher_logits).sum(), student.shape[0]
     return ce, kl_per_position(student, teacher_logits, temperature).sum(), student.shape[0]
 
 
