@@ -35,7 +35,7 @@ from sdmprune import load_model, perplexity
 from sdmprune.data import load_calibration, load_text
 from sdmprune.evaluation.perplexity import tokenize_windows
 from sdmprune.masks import NeuronMasks, count_parameters
-from sdmprune.reconstruct import ReconstructConfig, RefitStatistics, reconstruct
+from sdmprune.reconstruct import DEFAULT_DRIFT, ReconstructConfig, RefitStatistics, reconstruct
 from sdmprune.runtime import library_versions
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,7 +52,7 @@ def run(ratio: float, mode: str = "none", *, drift: float | None = None, damping
     if mode == "none":
         return dict(ratio=ratio, mode=mode, drift=None, damping=None, intercept=False, normalised=False)
     if mode == "sequential" and drift is None:
-        drift = DEFAULT.drift
+        drift = DEFAULT_DRIFT
     extra = {"kd": True} if kd else {}
     return dict(ratio=ratio, mode=mode, drift=drift, damping=damping, intercept=intercept, normalised=normalised,
                 **extra)
@@ -296,7 +296,7 @@ def main() -> None:
             masks.bias = [None] * len(masks.keep)
             if run["mode"] != "none":
                 config = ReconstructConfig(run["mode"], run["damping"], run["intercept"],
-                                           DEFAULT.drift if run["drift"] is None else run["drift"], run["normalised"])
+                                           DEFAULT_DRIFT if run["drift"] is None else run["drift"], run["normalised"])
                 if run.get("kd") and kd_weights is None:
                     start = time.perf_counter()
                     kd_weights = distillation_weights(model, masks, calibration, args.micro_batch)

@@ -336,3 +336,11 @@ def test_prune_killed_during_reconstruction_resumes_to_the_same_export(saved_mod
         assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
     record = json.loads((killed / "pruning.json").read_text())["reconstruction"]
     assert record["mode"] == "sequential" and [row["layer"] for row in record["layers"]] == [0, 1]
+
+
+def test_default_drift_is_a_quarter_or_zero_where_the_mlp_output_is_normalised():
+    drifts = {}
+    for arch in ("llama", "gemma3_text"):
+        model = tiny_model(arch)
+        drifts[arch] = reconstruct(model, random_masks(model), CALIBRATION, ReconstructConfig("sequential"))["drift"]
+    assert drifts == {"llama": reconstruction.DEFAULT_DRIFT, "gemma3_text": 0.0} and reconstruction.DEFAULT_DRIFT > 0

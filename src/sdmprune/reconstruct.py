@@ -62,6 +62,7 @@ from .options import described
 from .runtime import autocast_context
 
 MODES = ("none", "one-shot", "sequential")
+DEFAULT_DRIFT = 0.25  # the best of 0 ... 1 in bench/results/reconstruct_check.md
 JITTERS = (0.0, *(10.0**e for e in range(-12, -1)))  # added to λ, × mean diagonal, when Cholesky fails
 
 
@@ -78,9 +79,10 @@ class ReconstructConfig:
     intercept: bool = field(default=False, metadata=described(
         "also fit a down_proj bias (centred least squares; generalises FLAP's bias compensation); exported via "
         "the config's mlp_bias, so Llama only"))
-    drift: float = field(default=0.25, metadata=described(
+    drift: float | None = field(default=None, metadata=described(
         "sequential: fraction of the drift from the dense model accumulated below that each layer's refit corrects "
-        "(0: reproduce the dense layer on the pruned inputs; 1: make the pruned residual stream the dense one)"))
+        "(0: reproduce the dense layer on the pruned inputs; 1: make the pruned residual stream the dense one); "
+        f"default {DEFAULT_DRIFT}, or 0 where the layer normalises its MLP output before adding it (Gemma)"))
     normalised: bool = field(default=True, metadata=described(
         "weight each token's squared error by 1/mean(h^2), h the dense hidden state after the layer: errors "
         "relative to the scale the next RMSNorm divides out"))
@@ -90,7 +92,7 @@ class ReconstructConfig:
             raise SdmpruneError(f"unknown reconstruction '{self.reconstruct}': choose {', '.join(MODES)}")
         if not (math.isfinite(self.damping) and self.damping >= 0):
             raise SdmpruneError(f"--damping must be a finite number >= 0, got {self.damping}")
-        if not 0 <= self.drift <= 1:
+        if self.drift is not None and not 0 <= self.drift <= 1:
             raise SdmpruneError(f"--drift must be in [0, 1], got {self.drift}")
 
 
@@ -377,19 +379,21 @@ def reconstruct(
         raise SdmpruneError(f"{calibration.shape[0]} calibration windows in micro-batches of {micro_batch} for "
                             f"{world_size()} processes: each process needs at least one")
     sequential = config.reconstruct == "sequential"
-    beta = config.drift if sequential else 0.0
     start = time.perf_counter()
     layers = architecture.decoder_layers(model)
     mlps = architecture.mlps(model)
     device = masks.linears[0].weight.device
     dense, arguments = _layer_inputs(model, layers, shard_windows(calibration, micro_batch), device, bf16)
+    beta = 0.0
+    if sequential and config.drift != 0:
+        with _masks_off(masks, heads):
+            adds = _adds_mlp_output(layers[0], mlps[0], dense[0], arguments[0][0], model, bf16)
+        if not adds and config.drift is not None:
+            raise SdmpruneError(f"'{model.config.model_type}' transforms the MLP output before adding it to the "
+                                "residual stream, so the drift cannot be fitted: use --drift 0 or one-shot")
+        beta = (DEFAULT_DRIFT if config.drift is None else config.drift) if adds else 0.0
     if sequential:
         report["drift"] = beta
-    if beta > 0:
-        with _masks_off(masks, heads):
-            if not _adds_mlp_output(layers[0], mlps[0], dense[0], arguments[0][0], model, bf16):
-                raise SdmpruneError(f"'{model.config.model_type}' transforms the MLP output before adding it to the "
-                                    "residual stream, so the drift cannot be fitted: use --drift 0 or one-shot")
     pruned = list(dense)  # the same tensors until the first pruned layer
     rows = []
     for index in tqdm(range(len(layers)), desc="reconstruct", unit="layer", disable=not is_main()):
