@@ -68,7 +68,7 @@ JITTERS = (0.0, *(10.0**e for e in range(-12, -1)))  # added to λ, × mean diag
 
 @dataclass
 class ReconstructConfig:
-    """Settings of the reconstruction stage; each field's help is the CLI's help (`--field-name`)."""
+    """reconstruction of the kept weights after the final masks"""
 
     reconstruct: str = field(default="none", metadata=described(
         "refit each pruned layer's kept down_proj weights by ridge least squares after the final masks: "
