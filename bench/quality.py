@@ -22,6 +22,7 @@ before it (Linux VmHWM, reset just before the call; CUDA: peak allocated).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import statistics
@@ -146,13 +147,15 @@ def evaluate(model, tokenizer, windows: dict[str, torch.Tensor], bf16: bool) -> 
 
 
 class PeakUse:
-    """Peak memory of a block above the memory before it, in MiB: CUDA allocations, else resident memory."""
+    """Peak memory of a block above the memory before it, in MiB: CUDA allocations, else resident memory (the freed
+    heap handed back to the system first, so that memory the block reuses counts: `trimmed`)."""
 
     def __enter__(self):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated() / 2**20
         else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
             self.rss = PeakMemory()
             self.before = self.rss.current_mib()
             self.rss.reset()
@@ -161,7 +164,8 @@ class PeakUse:
     def __exit__(self, *exc) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else self.rss.peak_mib()
         self.record = {"kind": "cuda allocated" if torch.cuda.is_available() else "rss",
-                       "before_mib": round(self.before, 1), "peak_extra_mib": round(peak - self.before, 1)}
+                       "before_mib": round(self.before, 1), "peak_extra_mib": round(peak - self.before, 1),
+                       "trimmed": True}
 
 
 def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: list[str]) -> dict[str, dict]:
@@ -351,15 +355,26 @@ def markdown(results: dict) -> str:
                              f"(n={diff['n']}, ev±{diff['eval_rel_err']:.1%})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+        refitted = [m for m in methods if base_method(m)[1]]
+        if refitted:
+            lines += [f"Gain of the refit, {title}: PPL(method + refit) − PPL(method), the same masks (paired seeds), "
+                      "mean ± std over seeds.", "",
+                      "| method | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+            for method in refitted:
+                diffs = [paired_difference(records, method, base_method(method)[0], ratio, name) for ratio in ratios]
+                lines.append(f"| {method} | " + " | ".join("" if d is None else f"{d['mean']:+.2f} ± {d['std']:.2f} "
+                                                           f"(n={d['n']})" for d in diffs) + " |")
+            lines.append("")
     return "\n".join(lines + cost_table(records))
 
 
 def cost_table(records: dict) -> list[str]:
     """Mean time, tokens seen and peak memory of the pruning call per (method, ratio), for records that have them."""
-    groups: dict[tuple[str, float], list[dict]] = {}
+    by_seed: dict[tuple[str, float], dict[int, dict]] = {}  # a refit record carries its masks' pruning call
     for record in records.values():
         if "memory" in record:
-            groups.setdefault((record["method"], record["ratio"]), []).append(record)
+            by_seed.setdefault((base_method(record["method"])[0], record["ratio"]), {})[record["seed"]] = record
+    groups = {key: list(seeds.values()) for key, seeds in by_seed.items()}
     if not groups:
         return []
     lines = ["## Cost of the pruning call", "",
@@ -371,8 +386,6 @@ def cost_table(records: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for (method, ratio), group in sorted(groups.items(), key=lambda item: (item[0][1], method_names().index(
             item[0][0]))):
-        if "refit" in group[0]:
-            continue
         state = [r["budget"]["state_mib"] for r in group if "state_mib" in r["budget"]]
         lines.append(f"| {method} | {ratio:.0%} | {statistics.fmean(r['prune_seconds'] for r in group):.0f} | "
                      f"{', '.join(sorted({str(r['threads']) for r in group}))} | {group[0]['budget']['tokens']:,} | "
@@ -391,16 +404,18 @@ def refit_cost_table(records: dict) -> list[str]:
         return []
     lines = ["## Cost of the reconstruction stage", "",
              "Seconds and peak extra memory of `reconstruct` alone (after the masks; the model's weights already "
-             "loaded), and the layers' relative squared errors Σ w‖T − W u‖² / Σ w‖T‖² on the calibration tokens "
-             "(mean over pruned layers) before (the plain masked layer) and after the refit.", "",
+             "loaded; the first records measured no memory), and the layers' relative squared errors "
+             "Σ w‖T − W u‖² / Σ w‖T‖² on the calibration tokens (mean over pruned layers) before (the plain masked "
+             "layer) and after the refit.", "",
              "| method | ratio | seconds | threads | peak extra memory (MiB) | layer error before → after | n |",
              "|---|---|---|---|---|---|---|"]
     for (method, ratio), group in sorted(groups.items(), key=lambda item: (item[0][1], method_names().index(
             item[0][0]))):
         refits = [r["refit"] for r in group]
+        trimmed = [r["memory"]["peak_extra_mib"] for r in refits if r["memory"].get("trimmed")]
         lines.append(f"| {method} | {ratio:.0%} | {statistics.fmean(r['seconds'] for r in refits):.0f} | "
                      f"{', '.join(sorted({str(r['threads']) for r in group}))} | "
-                     f"{statistics.fmean(r['memory']['peak_extra_mib'] for r in refits):.0f} | "
+                     f"{f'{statistics.fmean(trimmed):.0f}' if trimmed else ''} | "
                      f"{statistics.fmean(r['mean_error_before'] for r in refits):.3f} → "
                      f"{statistics.fmean(r['mean_error_after'] for r in refits):.3f} | {len(group)} |")
     return [*lines, ""]
