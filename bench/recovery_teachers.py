@@ -78,6 +78,7 @@ def worker(case: str, model_name: str, windows: int) -> dict:
                       extra_mib=memory.peak_mib() - before, steps=trained["steps"],
                       first_loss=trained["log"][0]["loss"], final_loss=trained["log"][-1]["loss"])
     record["weights_mib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    record["threads"] = torch.get_num_threads()
     return record
 
 
@@ -86,7 +87,8 @@ def markdown(results: dict) -> str:
              f"{results['model']} in fp32 ({results['records'][0]['weights_mib']:.0f} MiB of weights), 20% pruned "
              f"(structured Wanda, masks); recovery on {results['records'][0]['tokens']:,} C4 tokens (windows of "
              f"{SEQ_LEN}, batch 4 × 2, bf16 autocast, LoRA r 8 on q, k, v, o, gate, up), one thread. Peak extra: "
-             "peak RSS of the recovery stage minus RSS before it (a second copy is loaded inside it).", "",
+             "peak RSS of the recovery stage minus RSS before it (a second copy is loaded inside it). Seconds are "
+             "noisy when the machine is shared (another benchmark used both cores during the committed run).", "",
              "| teacher | seconds | s / 1k tokens | peak extra (MiB) | loss first → last | teacher cost before |",
              "|---|---|---|---|---|---|"]
     for r in results["records"]:
@@ -116,7 +118,8 @@ def main() -> None:
         records.append(run_worker(Path(__file__), ["--case", case, "--model", args.model, "--windows",
                                                    str(args.windows)], env={"OMP_NUM_THREADS": "1"}))
         print(f"{case}: {records[-1]['seconds']:.0f} s, peak extra {records[-1]['extra_mib']:.0f} MiB", flush=True)
-    results = {"machine": machine(), "model": args.model, "windows": args.windows, "records": records}
+    results = {"machine": {**machine(), "threads": records[0]["threads"]}, "model": args.model,
+               "windows": args.windows, "records": records}
     suffix = "" if args.model == "smollm2-135m" else f"-{args.model}"
     write_results(f"recovery_teachers{suffix}", results, markdown(results))
 
