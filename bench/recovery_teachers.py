@@ -118,7 +118,7 @@ def main() -> None:
         records.append(run_worker(Path(__file__), ["--case", case, "--model", args.model, "--windows",
                                                    str(args.windows)], env={"OMP_NUM_THREADS": "1"}))
         print(f"{case}: {records[-1]['seconds']:.0f} s, peak extra {records[-1]['extra_mib']:.0f} MiB", flush=True)
-    results = {"machine": {**machine(), "threads": records[0]["threads"]}, "model": args.model,
+    results = {"machine": {**machine(), "torch_threads": records[0]["threads"]}, "model": args.model,
                "windows": args.windows, "records": records}
     suffix = "" if args.model == "smollm2-135m" else f"-{args.model}"
     write_results(f"recovery_teachers{suffix}", results, markdown(results))
