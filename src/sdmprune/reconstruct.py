@@ -27,8 +27,8 @@ compensation is the special case W' = W[:, S], b = W[:, removed] · mean(u[remov
 Both run the decoder layers one at a time on cached hidden states (every layer's inputs and call keyword
 arguments captured once per micro-batch by a forward pass whose decoder layers are skipped): one pass over the
 model for one-shot, three layer passes per layer for sequential (four where o_proj is refitted too), and the fp64
-sums of one layer in memory at a time. The refit goes into the masks (`NeuronMasks.weight`, `.bias`), never into the model's weights: with the
-masks off the model stays exactly the dense one, and `export_pruned` writes the refit.
+sums of one layer in memory at a time. The refit goes into the masks (`NeuronMasks.weight`, `.bias`), never into
+the model's weights: with the masks off the model stays exactly the dense one, and `export_pruned` writes it.
 
 Attention groups removed by NutePrune (`heads`): o_proj's kept input channels (the kept groups' query heads) are
 refitted the same way, before the layer's MLP, always towards the dense o_proj's output on the same inputs (drift

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..checkpoint import clear_for_new_run, prepare_output
 from ..distributed import is_main, is_sharded, shard_model, world_size
+from ..errors import SdmpruneError
 from ..export import export_pruned, unshard_for_export
 from ..masks import count_parameters
 from ..options import validate
@@ -38,6 +39,9 @@ class PruneRun(PruningRunOptions):
 def run(config: PruneRun) -> dict:
     """Prune and export; returns the report written to pruning.json."""
     validate(config)
+    if config.parallel.fsdp and config.reconstruction.reconstruct != "none":
+        raise SdmpruneError(f"--reconstruct {config.reconstruction.reconstruct} does not run on an FSDP-sharded model "
+                            "yet: add --reconstruct none, or run without --fsdp")
     config.pruning.width_multiple = config.export.width_multiple(config.pruning.width_multiple)
     pruning, output = config.pruning, config.output.output
     resume = prepare_output(output, overwrite=config.output.overwrite, resume=config.output.resume, finished=FINISHED)
