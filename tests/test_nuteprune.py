@@ -219,3 +219,12 @@ def test_cli(saved_model, text_file, tmp_path, capsys):
     assert "unrecognized arguments: --train-steps 5" in capsys.readouterr().err
     assert main([*args[:-1], str(tmp_path / "sharded"), "--fsdp"]) == 2
     assert "unrecognized arguments: --fsdp" in capsys.readouterr().err  # nuteprune runs in one process
+    assert "reconstruction" not in record  # off by default for NutePrune
+    refitted = tmp_path / "refitted"
+    assert main([*args[:-1], str(refitted), "--reconstruct", "sequential"]) == 0
+    layers = json.loads((refitted / "pruning.json").read_text())["reconstruction"]["layers"]
+    # the same training: the same masks, now with down_proj (and where groups went, o_proj) refitted
+    assert json.loads((refitted / "pruning.json").read_text())["kept_indices"] == record["kept_indices"]
+    assert all("error_after" in row for row in layers if row["kept"] < record["widths_before"][row["layer"]])
+    assert all(row["attention"]["error_after"] <= row["attention"]["error_before"] for row in layers
+               if "attention" in row)
