@@ -22,12 +22,15 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_prune_eval_inspect(capsys, saved_model, text_file, tmp_path):
     out_dir = tmp_path / "pruned"
+    # the default sequential reconstruction refits on the calibration windows (the tiny model's context is 128)
     code, out, _ = run(capsys, "prune", "--model", saved_model, "--ratio", "0.2", "--criterion", "magnitude",
+                       "--calib", text_file, "--calib-samples", "4", "--calib-seq-len", "32",
                        "--ppl-data", text_file, "--seq-len", "64", "--output", out_dir)
     assert code == 0
     assert "achieved ratio 0.2" in out and "perplexity" in out
     record = json.loads((out_dir / "pruning.json").read_text())
     assert record["requested"]["ratio"] == 0.2 and record["achieved"]["ratio"] >= 0.2
+    assert record["reconstruction"]["mode"] == "sequential" and record["reconstruction"]["tokens"] == 4 * 32
     assert record["evaluation"]["after"]["tokens"] == record["evaluation"]["before"]["tokens"] > 0
     plain = AutoModelForCausalLM.from_pretrained(out_dir)
     assert plain.config.intermediate_size == record["widths"][0]
@@ -114,7 +117,7 @@ def test_existing_output_directory(capsys, tmp_path, saved_model, text_file):
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert (existing / "keep.txt").read_text() == "mine"
     code, _, _ = run(capsys, "prune", "--model", saved_model, "--ppl-data", "none", "--output", existing,
-                     "--overwrite", "--criterion", "magnitude")
+                     "--overwrite", "--criterion", "magnitude", "--reconstruct", "none")
     assert code == 0 and not (existing / "keep.txt").exists() and (existing / "pruning.json").is_file()
 
 
@@ -128,7 +131,8 @@ def test_hub_id_offline_gives_a_clear_error(capsys, monkeypatch):
 
 def test_mlp_ratio_and_width_multiple(capsys, saved_model, tmp_path):
     code, out, _ = run(capsys, "prune", "--model", saved_model, "--mlp-ratio", "0.3", "--width-multiple", "8",
-                       "--criterion", "magnitude", "--ppl-data", "none", "--output", tmp_path / "o")
+                       "--criterion", "magnitude", "--reconstruct", "none", "--ppl-data", "none", "--output",
+                       tmp_path / "o")
     assert code == 0
     record = json.loads((tmp_path / "o" / "pruning.json").read_text())
     assert record["widths"] == [40, 40]  # 64 * 0.7 = 44.8 -> 40
@@ -140,8 +144,12 @@ def test_prune_offline_without_evaluation_data_skips_perplexity_with_a_note(caps
 
     monkeypatch.delenv("SDMPRUNE_DATA_DIR", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    code, out, err = run(capsys, "prune", "--model", saved_model, "--criterion", "magnitude", "--output",
-                         tmp_path / "o")
+    # a data-free criterion prunes without data when nothing is refitted; the default refit needs calibration
+    code, _, err = run(capsys, "prune", "--model", saved_model, "--criterion", "magnitude", "--calib-seq-len", "32",
+                       "--output", tmp_path / "refit")
+    assert code == 2 and "could not load 'c4'" in err and "--reconstruct none prunes without data" in err
+    code, out, err = run(capsys, "prune", "--model", saved_model, "--criterion", "magnitude", "--reconstruct", "none",
+                         "--output", tmp_path / "o")
     assert code == 0 and "note: perplexity skipped" in err and "perplexity: not measured" in out
     assert json.loads((tmp_path / "o" / "pruning.json").read_text())["evaluation"] == {}
     # asked for explicitly, missing evaluation data is an error, before any work

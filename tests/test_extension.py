@@ -57,7 +57,7 @@ def test_a_toy_criterion_runs_through_the_api_and_the_cli(saved_model, tmp_path,
     assert result.report["config"]["criterion"] == {"name": "toy-index", "lowest": True}
 
     argv = ["prune", "--model", str(saved_model), "--mlp-ratio", "0.25", "--criterion", "toy-index", "--ppl-data",
-            "none", "--output", str(tmp_path / "out")]
+            "none", "--reconstruct", "none", "--output", str(tmp_path / "out")]
     assert main(argv) == 0
     record = json.loads((tmp_path / "out" / "pruning.json").read_text())
     assert record["method"] == "toy-index" and record["kept_indices"][0] == list(range(16, 64))

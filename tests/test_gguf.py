@@ -328,7 +328,7 @@ def test_prune_with_gguf_rounds_widths_for_llama_cpp_and_writes_the_file(saved_m
     from sdmprune.cli import main
 
     argv = ["prune", "--model", str(saved_model), "--mlp-ratio", "0.3", "--criterion", "magnitude", "--ppl-data",
-            "none", "--gguf", "f32"]
+            "none", "--reconstruct", "none", "--gguf", "f32"]
     assert main([*argv, "--output", str(tmp_path / "a")]) == 0
     record = json.loads((tmp_path / "a" / "pruning.json").read_text())
     assert record["widths"] == [32, 32] and (tmp_path / "a" / "a-f32.gguf").stat().st_size > 0

@@ -344,3 +344,9 @@ def test_default_drift_is_a_quarter_or_zero_where_the_mlp_output_is_normalised()
         model = tiny_model(arch)
         drifts[arch] = reconstruct(model, random_masks(model), CALIBRATION, ReconstructConfig("sequential"))["drift"]
     assert drifts == {"llama": reconstruction.DEFAULT_DRIFT, "gemma3_text": 0.0} and reconstruction.DEFAULT_DRIFT > 0
+
+
+def test_fsdp_with_reconstruction_is_refused_before_any_work(saved_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sdmprune.recipes.prune.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["prune", "--model", str(saved_model), "--fsdp", "--output", str(tmp_path / "out")]) == 2
+    assert "--reconstruct sequential does not run on an FSDP-sharded model yet" in capsys.readouterr().err

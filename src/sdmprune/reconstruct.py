@@ -70,7 +70,7 @@ JITTERS = (0.0, *(10.0**e for e in range(-12, -1)))  # added to λ, × mean diag
 class ReconstructConfig:
     """reconstruction of the kept weights after the final masks"""
 
-    reconstruct: str = field(default="none", metadata=described(
+    reconstruct: str = field(default="sequential", metadata=described(
         "refit each pruned layer's kept down_proj weights by ridge least squares after the final masks: "
         "none | one-shot (dense-model activations; target: the dense layer's output) | sequential (activations of "
         "the pruned-and-refitted layers below; target: see --drift)"))

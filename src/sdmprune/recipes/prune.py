@@ -52,16 +52,23 @@ def run(config: PruneRun) -> dict:
     check_plan(model, pruning)
     windows = perplexity_windows(config.evaluation, config.data, model, tokenizer)
     calibration, summary = None, None
-    if needs_calibration(pruning, model) or config.reconstruction.reconstruct != "none":
-        calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
-                                                   pruning.runtime.seed)
+    refit = config.reconstruction.reconstruct
+    if needs_calibration(pruning, model) or refit != "none":
+        try:
+            calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
+                                                       pruning.runtime.seed)
+        except SdmpruneError as error:
+            if needs_calibration(pruning, model):
+                raise
+            raise SdmpruneError(f"{error} (the calibration windows serve --reconstruct {refit}; --reconstruct none "
+                                "prunes without data)") from None
     evaluation = {}
     if windows is not None:
         evaluation["before"] = measure(model, tokenizer, windows, config.evaluation, pruning.runtime.bf16)
     clear_for_new_run(output, resume)
     result = prune(model, pruning, calibration=calibration, calibration_summary=summary, state_dir=output,
                    resume=resume)
-    if config.reconstruction.reconstruct != "none":  # deterministic: a resumed run refits again
+    if refit != "none":  # deterministic: a resumed run refits again
         result.report["reconstruction"] = reconstruct(model, result.masks, calibration, config.reconstruction,
                                                       micro_batch=pruning.micro_batch, bf16=pruning.runtime.bf16)
     if windows is not None:
