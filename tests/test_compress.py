@@ -38,7 +38,8 @@ def test_live_teacher_is_the_dense_model_after_reconstruction_and_training():
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        dense = model(input_ids=ids).logits
+        output = model(input_ids=ids, output_hidden_states=True)
+        dense, dense_states = output.logits, output.hidden_states[1:]
     masks = NeuronMasks(model, [torch.arange(64) % 2 == 0] * 2)
     reconstruct(model, masks, ids, ReconstructConfig("one-shot", 1e-2, intercept=True))
     peft_model, _ = attach_lora(model, LoraOptions(lora_dropout=0.0, lora_targets="q_proj,gate_proj"))
@@ -47,8 +48,10 @@ def test_live_teacher_is_the_dense_model_after_reconstruction_and_training():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
     batch = collate(text_windows(ids), [0, 1, 2], pad_id=0)
-    teacher = compress.live_teacher(peft_model, masks, bf16=False)(batch)
-    assert torch.equal(teacher, dense[:, :-1].reshape(-1, dense.shape[-1]))  # exactly, not approximately
+    teacher = compress.live_teacher(peft_model, masks, bf16=False)(batch, True)
+    assert torch.equal(teacher.targets, dense[:, :-1].reshape(-1, dense.shape[-1]))  # exactly, not approximately
+    assert len(teacher.hidden) == 2 and all(torch.equal(t, d.flatten(0, 1)) for t, d in zip(teacher.hidden,
+                                                                                          dense_states, strict=True))
     with torch.inference_mode():
         student = peft_model(input_ids=ids).logits
     assert not torch.allclose(student, dense, atol=1e-3)  # the student itself is the pruned, adapted model
@@ -64,7 +67,7 @@ def test_cached_kl_equals_the_live_kl_when_k_covers_the_vocabulary(temperature, 
     batch = collate(data, [2, 1], pad_id=0)
     with torch.inference_mode():
         student = student_model(input_ids=batch["input_ids"]).logits
-    live = model_teacher(teacher_model, bf16=False)(batch)
+    live = model_teacher(teacher_model, bf16=False)(batch, False).targets
     _, live_kl, n = recovery_loss_sums(student, batch["labels"], live, temperature)
     kls = {}
     for k in (VOCAB, 16, 1):
@@ -72,7 +75,7 @@ def test_cached_kl_equals_the_live_kl_when_k_covers_the_vocabulary(temperature, 
         description = cache_teacher(teacher_model, data, path, top_k=k, temperature=temperature, bf16=False,
                                     batch_size=2, pad_id=0)
         assert description["target_tokens"] == 3 * 15 - 4 and description["bytes_per_token"] == 8 * k
-        targets = CachedTeacher(path, torch.device("cpu"))(batch)
+        targets = CachedTeacher(path, torch.device("cpu"))(batch).targets
         assert targets.indices.shape == (n, k)
         kls[k] = recovery_loss_sums(student, batch["labels"], targets, temperature)[1]
     torch.testing.assert_close(kls[VOCAB], live_kl, rtol=1e-5, atol=1e-5)
@@ -143,3 +146,11 @@ def test_killed_in_any_stage_resumes_to_the_same_export(stage, teacher, saved_mo
         stages = {s["stage"]: s for s in json.loads((killed / "pruning.json").read_text())["stages"]}
         assert stages["calibrate"]["teacher_cache"]["bytes_per_token"] == 64
         assert stages["recover"]["teacher"] == "cached top-8 log-probabilities"
+
+
+def test_cached_teacher_with_a_hidden_state_term_is_refused_before_any_work(saved_model, text_file, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(compress, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SdmpruneError, match="the cached teacher holds no hidden states"):
+        compress.run(compress.CompressRun.of(**options(saved_model, text_file, tmp_path / "out"),
+                                             recover_teacher="cached", kd_hidden=0.5))

@@ -207,6 +207,24 @@ def test_kd_run_uses_the_dense_source_as_teacher(models, tmp_path):
     assert logged["loss"] == pytest.approx(((1 - beta) * ce + beta * kl).item(), rel=1e-5)
 
 
+def test_hidden_state_term_matches_its_definition(models, tmp_path):
+    dense, pruned = models
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps(EXAMPLES[:1]))
+    beta, gamma = 0.3, 0.5
+    finetune(str(pruned), tmp_path / "kd", data=str(data), max_steps=1, kd=True, kd_beta=beta, kd_hidden=gamma,
+             **FAST)
+    logged = json.loads((tmp_path / "kd" / "loss.json").read_text())[0]
+    input_ids, _ = tokenize_example(byte_tokenizer(), EXAMPLES[0], 256)
+    with torch.inference_mode():  # at step 1 the student is the pruned model itself (LoRA B = 0)
+        student = load_model(str(pruned))[0](torch.tensor([input_ids]), output_hidden_states=True).hidden_states[1:]
+        teacher = load_model(str(dense))[0](torch.tensor([input_ids]), output_hidden_states=True).hidden_states[1:]
+    expected = sum(((s - t).pow(2).mean() / t.pow(2).mean()).item() for s, t in zip(student, teacher, strict=True))
+    assert logged["hidden"] == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert logged["loss"] == pytest.approx((1 - beta) * logged["ce"] + beta * logged["kl"] + gamma * expected,
+                                           rel=1e-5)
+
+
 def test_finetune_cli_and_adapter_eval(models, data_file, tmp_path, capsys, text_file):
     _, pruned = models
     out = tmp_path / "cli"

@@ -33,9 +33,10 @@ from ..options import described, to_dict, validate
 from ..pruning import PruneConfig, prune
 from ..reconstruct import ReconstructConfig, reconstruct
 from ..recovery.cached_teacher import CachedTeacher, cache_teacher
-from ..recovery.data import IGNORE_INDEX, load_instructions, text_windows, tokenize_dataset
-from ..recovery.finetune import RecoveryOptions, TeacherLogits, train
-from ..runtime import autocast_context, context_length
+from ..recovery.data import load_instructions, text_windows, tokenize_dataset
+from ..recovery.finetune import RecoveryOptions, run_teacher, train
+from ..recovery.targets import Teacher, TeacherOutput
+from ..runtime import context_length
 from ..schedule import check_plan
 from .options import PerplexityOptions, PruningRunOptions, TaskOptions
 from .prune import FINISHED
@@ -170,19 +171,15 @@ def print_plan(stages: list[dict], config: CompressRun) -> None:
 # ----------------------------------------------------------------------------- the stages
 
 
-def live_teacher(peft_model: nn.Module, masks: NeuronMasks, bf16: bool) -> TeacherLogits:
-    """The dense model's logits (n, V) at the target positions of a batch, from the student's own weights:
-    adapters off (peft) and masks off (which also takes the reconstruction's refit away)."""
+def live_teacher(peft_model: nn.Module, masks: NeuronMasks, bf16: bool) -> Teacher:
+    """The dense model from the student's own weights: adapters off (peft) and masks off (which also takes the
+    reconstruction's refit away)."""
 
-    def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        with peft_model.disable_adapter(), masks.disabled(), torch.inference_mode(), \
-                autocast_context(batch["input_ids"].device, bf16):
-            result = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                use_cache=False).logits[:, :-1][mask]
-        return result.clone()  # an ordinary tensor autograd may save
+    def output(batch: dict[str, torch.Tensor], hidden: bool) -> TeacherOutput:
+        with peft_model.disable_adapter(), masks.disabled():
+            return run_teacher(peft_model, batch, bf16, hidden)
 
-    return logits
+    return output
 
 
 def recovery_data(config: CompressRun, model: nn.Module, tokenizer):
@@ -224,6 +221,8 @@ def plot_stages(figures: dict[str, dict], path: Path) -> None:
 def run(config: CompressRun) -> dict:
     """Run every stage (resuming the saved ones) and export; returns the report written to pruning.json."""
     validate(config)
+    if config.source.recover_teacher == "cached" and config.recovery.kd_hidden > 0:
+        raise SdmpruneError("the cached teacher holds no hidden states: --kd-hidden needs --recover-teacher live")
     config.pruning.width_multiple = config.export.width_multiple(config.pruning.width_multiple)
     pruning, output = config.pruning, Path(config.output.output)
     bf16 = pruning.runtime.bf16

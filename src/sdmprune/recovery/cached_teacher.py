@@ -16,7 +16,6 @@ hold all of p (k = V).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,15 +30,7 @@ from ..errors import SdmpruneError
 from ..io import atomic_file
 from ..runtime import autocast_context
 from .data import IGNORE_INDEX, TokenizedData, collate
-
-
-@dataclass
-class TopKTargets:
-    """Teacher targets at n target positions: `log_probs` (n, k) fp32, log softmax(z/T) of its top-k tokens,
-    `indices` (n, k) int64, their ids."""
-
-    log_probs: torch.Tensor
-    indices: torch.Tensor
+from .targets import TeacherOutput, TopKTargets
 
 
 def top_k_kl(student_logits: torch.Tensor, targets: TopKTargets) -> torch.Tensor:
@@ -106,6 +97,10 @@ class CachedTeacher:
         self.log_probs, self.indices, self.offsets = tensors["log_probs"], tensors["indices"], tensors["offsets"]
         self.device = device
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> TopKTargets:
+    def __call__(self, batch: dict[str, torch.Tensor], hidden: bool = False) -> TeacherOutput:
+        """The batch's targets (no hidden states: the cache holds none)."""
+        if hidden:
+            raise SdmpruneError("the cached teacher holds no hidden states: --kd-hidden needs --recover-teacher live")
         rows = torch.cat([torch.arange(self.offsets[e], self.offsets[e + 1]) for e in batch["example"].tolist()])
-        return TopKTargets(self.log_probs[rows].to(self.device), self.indices[rows].long().to(self.device))
+        return TeacherOutput(TopKTargets(self.log_probs[rows].to(self.device),
+                                         self.indices[rows].long().to(self.device)))

@@ -2,7 +2,8 @@
 
 Loss per optimizer step, over the response tokens of its micro-batches (token-weighted):
 plain `CE`, or with `kd` `(1-β)·CE + β·KL(softmax(z_t/T) || softmax(z_s))` (forward KL, temperature on the
-teacher only, no T² factor), the teacher being the dense model run under inference mode.
+teacher only, no T² factor), the teacher being the dense model run under inference mode, plus with `kd_hidden` γ
+a hidden-state term γ·Σ_layers mean((h_s − h_t)²) / mean(h_t²) per target token.
 
 `train` runs the steps on a model with LoRA attached (replicated by DDP or sharded by FSDP2 over several
 processes); the recipe (`recipes/finetune.py`) loads, attaches, trains and writes. The run state (adapter,
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -38,11 +38,12 @@ from ..distributed import (
     world_size,
 )
 from ..errors import SdmpruneError
-from ..losses import kl_per_position
+from ..losses import hidden_state_mse, kl_per_position
 from ..options import described
 from ..runtime import autocast_context
-from .cached_teacher import TopKTargets, top_k_kl
+from .cached_teacher import top_k_kl
 from .data import IGNORE_INDEX, TokenizedData, collate
+from .targets import Teacher, TeacherOutput, TopKTargets
 
 
 @dataclass
@@ -60,6 +61,10 @@ class RecoveryOptions:
     kd_beta: float = field(default=0.5, metadata=described(
         "KL weight β of the distillation loss (1-β)·CE + β·KL(softmax(z_t/T)||softmax(z_s))"))
     kd_temperature: float = field(default=1.0, metadata=described("teacher temperature T of the distillation loss"))
+    kd_hidden: float = field(default=0.0, metadata=described(
+        "weight γ of a hidden-state term added to the distillation loss: γ·Σ_layers mean((h_s − h_t)²) / mean(h_t²) "
+        "over the non-padding tokens, the teacher's hidden states after every decoder layer (a live or copied "
+        "teacher; 0 = off)"))
     lora: LoraOptions = field(default_factory=LoraOptions)
     training: TrainingOptions = field(default_factory=TrainingOptions)
 
@@ -72,6 +77,8 @@ class RecoveryOptions:
                 raise SdmpruneError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if not 0 <= self.kd_beta <= 1:
             raise SdmpruneError(f"--kd-beta must be in [0, 1], got {self.kd_beta}")
+        if not (math.isfinite(self.kd_hidden) and self.kd_hidden >= 0):
+            raise SdmpruneError(f"--kd-hidden must be a finite number >= 0, got {self.kd_hidden}")
         if self.kd_temperature <= 0:
             raise SdmpruneError(f"--kd-temperature must be positive, got {self.kd_temperature}")
 
@@ -99,21 +106,21 @@ class FinetuneConfig:
             raise SdmpruneError(f"--max-samples must be 0 or more, got {self.max_samples}")
 
 
-# A batch -> the teacher at its n target positions: logits (n, V), or cached top-k targets
-TeacherLogits = Callable[[dict[str, torch.Tensor]], torch.Tensor | TopKTargets]
+def run_teacher(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool, hidden: bool) -> TeacherOutput:
+    """`model`'s output on `batch` under inference mode, as ordinary tensors autograd may save (the caller sets
+    the context that makes `model` the teacher: adapters or masks off)."""
+    with inference_context(model), autocast_context(batch["input_ids"].device, bf16):
+        result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                       output_hidden_states=hidden)
+        targets = result.logits[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX].clone()
+        present = batch["attention_mask"].bool()
+        states = [state[present].clone() for state in result.hidden_states[1:]] if hidden else None
+    return TeacherOutput(targets, states)
 
 
-def model_teacher(teacher: nn.Module, bf16: bool) -> TeacherLogits:
-    """Logits (n, V) of a separate `teacher` model at the response positions of a batch."""
-
-    def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        with inference_context(teacher), autocast_context(batch["input_ids"].device, bf16):
-            result = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             use_cache=False).logits[:, :-1][mask]
-        return result.clone()  # an ordinary tensor autograd may save
-
-    return logits
+def model_teacher(teacher: nn.Module, bf16: bool) -> Teacher:
+    """A separate `teacher` model (`finetune --kd`)."""
+    return lambda batch, hidden: run_teacher(teacher, batch, bf16, hidden)
 
 
 def recovery_loss_sums(
@@ -139,33 +146,42 @@ def recovery_loss_sums(
     return ce, kl_per_position(student, teacher_logits, temperature).sum(), student.shape[0]
 
 
-def accumulate_gradients(model, teacher: TeacherLogits | None, batches: list[dict[str, torch.Tensor]], n_step: int,
-                         options: RecoveryOptions, bf16: bool) -> tuple[float, float, int]:
+def accumulate_gradients(model, teacher: Teacher | None, batches: list[dict[str, torch.Tensor]], n_step: int,
+                         options: RecoveryOptions, bf16: bool) -> tuple[float, float, float, int]:
     """Forward and backward this process's share of the micro-batches of one optimizer step, the loss
     normalised by the step's `n_step` response tokens (of every process) so that the gradients summed over
-    processes are the single-process ones; returns the summed CE and KL (nats) and the non-padding tokens
-    seen, over all processes. Fillers (a zero loss) give every process as many passes."""
+    processes are the single-process ones; returns the summed CE, KL and hidden-state terms (the last per target
+    token: n × the batch's mean) and the non-padding tokens seen, over all processes. Fillers (a zero loss) give
+    every process as many passes."""
     device = next(model.parameters()).device
     beta = options.kd_beta if teacher is not None else 0.0
+    hidden = teacher is not None and options.kd_hidden > 0
     ddp = isinstance(model, DistributedDataParallel)
     scale = world_size() / n_step if ddp else 1 / n_step  # DDP averages gradients over processes: undo it
-    totals = torch.zeros(3, dtype=torch.float64)  # CE, KL, tokens
+    totals = torch.zeros(4, dtype=torch.float64)  # CE, KL, hidden, tokens
     passes = shard(batches, lockstep=True)
     for index, (_, batch, counts) in enumerate(passes):
         batch = {k: v.to(device) for k, v in batch.items()}
         with model.no_sync() if ddp and index < len(passes) - 1 else nullcontext():  # DDP: one all-reduce
-            teacher_logits = teacher(batch) if teacher is not None else None
+            target = teacher(batch, hidden) if teacher is not None else None
             with autocast_context(device, bf16):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits
-            ce, kl, _ = recovery_loss_sums(logits, batch["labels"], teacher_logits, options.kd_temperature)
+                result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False, output_hidden_states=hidden)
+            ce, kl, n = recovery_loss_sums(result.logits, batch["labels"], None if target is None else target.targets,
+                                           options.kd_temperature)
             loss = ce if kl is None else (1 - beta) * ce + beta * kl
+            matching = torch.zeros(())
+            if hidden:
+                present = batch["attention_mask"].bool()
+                matching = n * hidden_state_mse([state[present] for state in result.hidden_states[1:]],
+                                                target.hidden, normalise=True)
+                loss = loss + options.kd_hidden * matching
             (loss * (scale if counts else 0.0)).backward()
         if counts:
-            totals += torch.tensor([ce.item(), kl.item() if kl is not None else 0.0,
+            totals += torch.tensor([ce.item(), kl.item() if kl is not None else 0.0, matching.item(),
                                     int(batch["attention_mask"].sum())], dtype=torch.float64)
     all_reduce_sum([totals])
-    return totals[0].item(), totals[1].item(), int(totals[2])
+    return totals[0].item(), totals[1].item(), totals[2].item(), int(totals[3])
 
 
 class Schedule:
@@ -244,7 +260,7 @@ def load_training_state(checkpoint: Checkpoint, settings: dict, model, optimizer
     return progress["step"], progress["log"], progress["seconds"]
 
 
-def train(peft_model, teacher: TeacherLogits | None, data: TokenizedData, pad_id: int, config: RecoveryOptions,
+def train(peft_model, teacher: Teacher | None, data: TokenizedData, pad_id: int, config: RecoveryOptions,
           runtime: RuntimeOptions, checkpoint: Checkpoint, settings: dict, *, resume: bool, progress: bool = True,
           keep_final_state: bool = False) -> dict:
     """Run every optimizer step on `peft_model` (LoRA attached; sharded or not), resuming from `checkpoint`
@@ -274,8 +290,8 @@ def train(peft_model, teacher: TeacherLogits | None, data: TokenizedData, pad_id
         batches = [collate(data, indices, pad_id) for indices in schedule.step_batches(step)]
         n_step = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         lr = scheduler.get_last_lr()[0]
-        ce_total, kl_total, step_tokens = accumulate_gradients(train_model, teacher, batches, n_step, config,
-                                                                 runtime.bf16)
+        ce_total, kl_total, hidden_total, step_tokens = accumulate_gradients(train_model, teacher, batches, n_step,
+                                                                               config, runtime.bf16)
         tokens += step_tokens
         if config.training.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, config.training.max_grad_norm)
@@ -283,10 +299,13 @@ def train(peft_model, teacher: TeacherLogits | None, data: TokenizedData, pad_id
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         target_tokens += n_step
-        entry = {"step": step + 1, "loss": ((1 - beta) * ce_total + beta * kl_total) / n_step, "lr": lr,
+        matching = config.kd_hidden * hidden_total if teacher is not None else 0.0
+        entry = {"step": step + 1, "loss": ((1 - beta) * ce_total + beta * kl_total + matching) / n_step, "lr": lr,
                  "tokens": tokens, "target_tokens": target_tokens}
         if teacher is not None:
             entry |= {"ce": ce_total / n_step, "kl": kl_total / n_step}
+        if matching:
+            entry["hidden"] = hidden_total / n_step
         log.append(entry)
         elapsed = seconds_before + time.perf_counter() - started
         bar.update(1)
