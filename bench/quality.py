@@ -322,7 +322,10 @@ def markdown(results: dict) -> str:
         "weights and drift; on the seed's calibration windows, for nuteprune the first of its training windows, "
         "as many), replacing flap's compensation bias.",
         "",
-        "Command: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py`",
+        "Command: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py"
+        + ("" if meta["model"] == "smollm2-135m" else f" --model {meta['model']} --results "
+           f"bench/results/quality-{meta['model']}.json --methods wanda-sp sdmprune-activation-wanda --ratios 0.3")
+        + "`",
         "",
     ]
     if dense:
