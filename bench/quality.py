@@ -322,10 +322,8 @@ def markdown(results: dict) -> str:
         "weights and drift; on the seed's calibration windows, for nuteprune the first of its training windows, "
         "as many), replacing flap's compensation bias.",
         "",
-        "Command: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py"
-        + ("" if meta["model"] == "smollm2-135m" else f" --model {meta['model']} --results "
-           f"bench/results/quality-{meta['model']}.json --methods wanda-sp sdmprune-activation-wanda --ratios 0.3")
-        + "`",
+        "Commands: " + "; ".join(f"`{command}`" for command in results.get(
+            "commands", ["SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py"])),
         "",
     ]
     if dense:
@@ -461,6 +459,9 @@ def write_reports(results: dict, json_path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = load_results(args.results, settings(args))
+    command = "SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py " + " ".join(argv or sys.argv[1:])
+    if command.strip() not in results.setdefault("commands", []):
+        results["commands"].append(command.strip())
     model, tokenizer = load_model(args.model)
     windows = {name: tokenize_windows(tokenizer, load_text(name), args.eval_seq_len, args.eval_tokens, model)
                for name in EVAL_SETS}
