@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -79,14 +78,6 @@ def cache_teacher(model: nn.Module, data: TokenizedData, path: Path, *, top_k: i
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"description": json.dumps(description)})
     return description
-
-
-def describe(path: Path) -> dict | None:
-    """The description written with a cache file, or None when there is none."""
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as handle:
-        return json.loads(handle.metadata()["description"])
 
 
 class CachedTeacher:
