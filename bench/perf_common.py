@@ -117,15 +117,15 @@ def log_slope(x: list[float], y: list[float]) -> float:
     return float((lx * ly).sum() / (lx * lx).sum())
 
 
-def write_results(name: str, results: dict, markdown: str) -> None:
-    """results/<name>.json and .md, each written to a temporary name first."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, results: dict, markdown: str, directory: Path = RESULTS) -> None:
+    """<directory>/<name>.json and .md (bench/results by default), each written to a temporary name first."""
+    directory.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(results, indent=1)), (".md", markdown)):
-        path = RESULTS / f"{name}{suffix}"
+        path = directory / f"{name}{suffix}"
         tmp = path.with_suffix(suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
-    print(f"wrote {RESULTS / name}.json and .md")
+    print(f"wrote {directory / name}.json and .md")
 
 
 def machine_line(record: dict) -> str:

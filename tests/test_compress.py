@@ -83,13 +83,19 @@ def test_cached_kl_equals_the_live_kl_when_k_covers_the_vocabulary(temperature, 
 
 
 def test_dry_run_plans_the_stages_the_run_executes(saved_model, text_file, tmp_path, capsys):
-    settings = options(saved_model, text_file, tmp_path / "out")
+    other_text = tmp_path / "other.txt"
+    other_text.write_text("A lazy dog sleeps while the quick brown fox runs. " * 40)
+    settings = {**options(saved_model, text_file, tmp_path / "out"), "ppl_data": f"{text_file},{other_text}"}
     plan = compress.run(compress.CompressRun.of(**settings, dry_run=True))["plan"]
     assert "1. calibrate" in capsys.readouterr().out and not (tmp_path / "out").exists()
     report = compress.run(compress.CompressRun.of(**settings))
     assert [s["stage"] for s in plan] == [s["stage"] for s in report["stages"]] == list(compress.STAGES)
+    assert all(s["peak_memory_mib"] > 0 for s in report["stages"][:-1])  # every stage but the final export
     record = json.loads((tmp_path / "out" / "pruning.json").read_text())
     assert list(record["evaluation"]) == ["dense", "pruned", "reconstructed", "recovered"]
+    for figures in record["evaluation"].values():  # each text measured after each stage
+        assert list(figures) == [str(text_file), str(other_text)]
+        assert figures[str(text_file)]["ppl"] != figures[str(other_text)]["ppl"]
     assert record["stages"][3]["teacher"].startswith("live") and record["stages"][3]["steps"] == 4
     assert (tmp_path / "out" / "stages.png").stat().st_size > 0 and not (tmp_path / "out" / "stages").exists()
     recovery = record["stages"][3]

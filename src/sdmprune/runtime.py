@@ -52,3 +52,32 @@ def library_versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+
+
+class PeakMemory:
+    """Peak memory since `reset()`, in MiB: CUDA's peak allocated on `device`, else this process's peak resident
+    memory (Linux VmHWM, which `reset()` sets back to the current RSS through /proc/self/clear_refs); None where
+    neither can be read (another OS)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+        except OSError:
+            pass
+
+    def peak_mib(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            with open("/proc/self/status") as status:
+                line = next(line for line in status if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return None
+        return int(line.split()[1]) / 1024

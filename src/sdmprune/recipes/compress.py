@@ -9,13 +9,14 @@ recommended SDMPrune preset; masks only) → reconstruct (refit of the kept down
 the weights) → recover (LoRA distilled from the dense model, which is the same weights with adapters and
 masks off: no second copy; or from the dense model's top-k log-probabilities cached in the calibrate stage) →
 evaluate (zero-shot tasks, optional) → export (LoRA merged, sliced, written).
-Perplexity is measured after every stage that changes the model and plotted in `stages.png`.
+Perplexity (on each text of --ppl-data, a comma-separated list here) is measured after every stage that changes
+the model and plotted in `stages.png`; every stage's seconds and peak memory go into pruning.json.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from ..recovery.cached_teacher import CachedTeacher, cache_teacher
 from ..recovery.data import load_instructions, text_windows, tokenize_dataset
 from ..recovery.finetune import RecoveryOptions, run_teacher, train
 from ..recovery.targets import Teacher, TeacherOutput
-from ..runtime import context_length
+from ..runtime import PeakMemory, context_length
 from ..schedule import check_plan
 from .options import PerplexityOptions, PruningRunOptions, TaskOptions
 from .prune import FINISHED
@@ -94,7 +95,7 @@ class CompressRun(PruningRunOptions):
         training=TrainingOptions(lr=5e-4, save_every=4)))
     source: RecoverySource = field(default_factory=RecoverySource)
     tasks: TaskOptions = field(default_factory=TaskOptions)
-    evaluation: PerplexityOptions = field(default_factory=lambda: PerplexityOptions(max_tokens=8192))
+    evaluation: PerplexityOptions = field(default_factory=lambda: PerplexityOptions(max_tokens=8192))  # a list here
     dry_run: bool = field(default=False, metadata=described(
         "print the plan (stages, estimated time and memory) and stop"))
 
@@ -126,7 +127,7 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     ceiling = _matmul_gflops(bf16, next(model.parameters()).device) * 1e9
     calibration_tokens = config.calibration.calib_samples * config.calibration.calib_seq_len
     recovery_tokens = config.source.recover_tokens * config.recovery.epochs
-    eval_tokens = config.evaluation.max_tokens if config.evaluation.ppl_data != "none" else 0
+    eval_tokens = config.evaluation.max_tokens * len(perplexity_sets(config.evaluation))
     task_tokens = 40_000 * len(parse_task_names(config.tasks.tasks)) if config.tasks.tasks else 0  # at --limit 200
     reconstruct_passes = {"none": 0, "one-shot": 1, "sequential": 2}[config.reconstruction.reconstruct]
     recovering = config.source.recover_data != "none"
@@ -159,6 +160,11 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     return [{"stage": stage, "seconds": round(seconds[stage], 1), "memory_gib": round(memory[stage] / 2**30, 2)}
             for stage in STAGES if stage != "reconstruct" or config.reconstruction.reconstruct != "none"
             if stage != "recover" or recovering]
+
+
+def perplexity_sets(options: PerplexityOptions) -> list[str]:
+    """The texts of a comma-separated --ppl-data ([] for none)."""
+    return [] if options.ppl_data == "none" else [name.strip() for name in options.ppl_data.split(",") if name.strip()]
 
 
 def print_plan(stages: list[dict], config: CompressRun) -> None:
@@ -201,20 +207,26 @@ def recovery_data(config: CompressRun, model: nn.Module, tokenizer):
     return text_windows(windows)
 
 
-def plot_stages(figures: dict[str, dict], path: Path) -> None:
-    """Perplexity after each stage (log scale) as a PNG."""
+def plot_stages(figures: dict[str, dict[str, dict]], path: Path) -> None:
+    """Perplexity after each stage (log scale), one bar per evaluation text, as a PNG."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6, 3.5), layout="tight")
+    figure = Figure(figsize=(6.5, 3.5), layout="tight")
     axes = figure.subplots()
-    names = list(figures)
-    axes.bar(names, [figures[n]["ppl"] for n in names], color="tab:blue")
-    for x, name in enumerate(names):
-        axes.annotate(f"{figures[name]['ppl']:.1f}", (x, figures[name]["ppl"]), ha="center", va="bottom")
+    stages = list(figures)
+    texts = list(figures[stages[0]])
+    width = 0.8 / len(texts)
+    for offset, text in enumerate(texts):
+        values = [figures[stage][text]["ppl"] for stage in stages]
+        xs = [x + (offset - (len(texts) - 1) / 2) * width for x in range(len(stages))]
+        axes.bar(xs, values, width, label=f"{text} ({figures[stages[0]][text]['tokens']} tokens)")
+        for x, value in zip(xs, values, strict=True):
+            axes.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom", fontsize=8)
+    axes.set_xticks(range(len(stages)), stages)
     axes.set_yscale("log")
-    first = figures[names[0]]
-    axes.set_ylabel(f"perplexity ({first['data']}, {first['tokens']} tokens)")
+    axes.set_ylabel("perplexity")
     axes.set_title("perplexity after each stage")
+    axes.legend(fontsize=8)
     figure.savefig(path, dpi=120)
 
 
@@ -241,7 +253,11 @@ def run(config: CompressRun) -> dict:
     if config.dry_run:
         print_plan(stages, config)
         return {"plan": stages}
-    windows = perplexity_windows(config.evaluation, config.data, model, tokenizer)
+    windows = []  # (options naming one evaluation text, its (n, seq_len) windows)
+    for text in perplexity_sets(config.evaluation):
+        options = replace(config.evaluation, ppl_data=text)
+        if (text_windows := perplexity_windows(options, config.data, model, tokenizer)) is not None:
+            windows.append((options, text_windows))
     calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
                                                pruning.runtime.seed)
     data = recovery_data(config, model, tokenizer) if config.source.recover_data != "none" else None
@@ -254,12 +270,19 @@ def run(config: CompressRun) -> dict:
     progress = state.load(settings)[0] if resume and state.exists() else {"done": [], "figures": {}, "reports": {}}
     figures, reports = progress["figures"], progress["reports"]
 
-    def finish(stage: str, started: float, figure_name: str | None = None, model_now: nn.Module | None = None) -> None:
-        if figure_name and windows is not None and figure_name not in figures:
-            figures[figure_name] = measure(model_now or model, tokenizer, windows, config.evaluation, bf16)
-            figures[figure_name].pop("window_nll")
+    memory = PeakMemory(next(model.parameters()).device)
+
+    def finish(stage: str, started: float, figure_name: str | None = None) -> None:
+        if figure_name and windows and figure_name not in figures:
+            figures[figure_name] = {}
+            for options, text_windows in windows:
+                figure = measure(model, tokenizer, text_windows, options, bf16)
+                figure.pop("window_nll")
+                figures[figure_name][figure["data"]] = figure
         if stage not in progress["done"]:
-            reports.setdefault(stage, {})["seconds"] = round(time.perf_counter() - started, 2)
+            peak = memory.peak_mib()
+            reports.setdefault(stage, {}).update(seconds=round(time.perf_counter() - started, 2),
+                                                 peak_memory_mib=None if peak is None else round(peak))
             progress["done"].append(stage)
         state.save(settings, progress, {})
 
@@ -267,6 +290,7 @@ def run(config: CompressRun) -> dict:
         estimate = next(s["seconds"] for s in stages if s["stage"] == stage)
         say(f"[{index}/{len(stages)}] {stage}{' (done, restoring)' if stage in progress['done'] else ''} "
             f"~{estimate:.0f} s")
+        memory.reset()
         return time.perf_counter()
 
     names_in_plan = [s["stage"] for s in stages]
@@ -328,8 +352,9 @@ def run(config: CompressRun) -> dict:
     print(f"\n{config.model.model} -> {output}  (compress: {', '.join(names_in_plan)})")
     print(f"achieved ratio {achieved['ratio']:.4f} of total parameters; parameters {achieved['params_before']:,} -> "
           f"{achieved['params_after']:,}")
-    if figures:
-        print("perplexity: " + " -> ".join(f"{name} {figure['ppl']:.2f}" for name, figure in figures.items()))
+    for text in next(iter(figures.values()), {}):
+        print(f"perplexity ({text}): " + " -> ".join(f"{stage} {figure[text]['ppl']:.2f}"
+                                                     for stage, figure in figures.items()))
     extras = (", stages.png" if figures else "") + (f", {gguf.name}" if gguf else "")
     print(f"wrote {output}/ (pruning.json, README.md, model.safetensors{extras})")
     return report

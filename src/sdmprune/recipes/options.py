@@ -64,7 +64,8 @@ class PerplexityOptions:
 
     ppl_data: str = field(default="auto", metadata=described(
         f"perplexity text: a .txt/.raw/.jsonl file or a dataset name ({', '.join(TEXT_DATASETS)}); 'none' skips "
-        "it; 'auto' = wikitext2 where it can be read (--data-dir or the hub), else skipped with a note"))
+        "it; 'auto' = wikitext2 where it can be read (--data-dir or the hub), else skipped with a note; compress takes "
+        "a comma-separated list (e.g. wikitext2,c4), each measured after every stage"))
     seq_len: int = field(default=512, metadata=described("perplexity window length in tokens"))
     max_tokens: int = field(default=16384, metadata=described("use only the first N tokens of the text (0 = all)"))
     eval_batch_size: int = field(default=1, metadata=described(
