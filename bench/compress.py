@@ -11,9 +11,10 @@ recovery text) or `kd` (`--kd-beta 1`, the default: KL to the live dense teacher
 defaults (the recommended preset, 64 C4 calibration windows of 256 tokens, sequential refit, LoRA r 8, C4 recovery
 windows of 256 tokens) except `--recover-tokens`. Perplexity: WikiText-2 and C4 held-out text, first 8,192 tokens
 each, windows of 512, bf16 autocast, measured by compress after every stage. Zero-shot: `sdmprune eval --tasks
-sdmprune --limit 200` on the dense model and on each export. Runs and evaluations already in the results file are
-skipped (an interrupted compress run is resumed), so the script can be run piecewise; models that are not
-installed are skipped with a note. Results: bench/results/compress.{json,md,png}.
+sdmprune --limit 200` on each export, and all 12 local tasks (the 10, HellaSwag, LAMBADA) on the dense model.
+Runs and evaluations already in the results file are skipped (an interrupted compress run is resumed), so the
+script can be run piecewise; models that are not installed are skipped with a note. Results:
+bench/results/compress.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def compress_argv(model: str, ratio: float, recovery: str, args: argparse.Namesp
             "--ppl-data", ",".join(PPL_SETS), "--max-tokens", "8192", "--output", str(output)]
 
 
-def tasks_argv(model: str, output: Path) -> list[str]:
-    return ["eval", "--model", model, "--tasks", "sdmprune", "--limit", str(TASK_LIMIT), "--bf16",
+def tasks_argv(model: str, output: Path, tasks: str) -> list[str]:
+    return ["eval", "--model", model, "--tasks", tasks, "--limit", str(TASK_LIMIT), "--bf16",
             "--eval-batch-size", "8", "--output", str(output)]
 
 
@@ -110,8 +111,8 @@ def compress_run(model: str, ratio: float, recovery: str, args: argparse.Namespa
             "evaluation": report["evaluation"], "stages": report["stages"]}
 
 
-def task_run(model: str, output: Path) -> dict:
-    argv = tasks_argv(model, output)
+def task_run(model: str, output: Path, tasks: str = "sdmprune") -> dict:
+    argv = tasks_argv(model, output, tasks)
     seconds = sdmprune(argv)
     result = json.loads((output / "results.json").read_text())
     return {"command": "sdmprune " + shlex.join(argv), "seconds": seconds, "average": result["average"],
@@ -156,12 +157,13 @@ def task_table(results: dict, model: str) -> list[str]:
     dense = columns[0][1]
     lines = [f"| task | metric | {' | '.join(name for name, _ in columns)} |",
              "|---|---|" + "---:|" * len(columns)]
-    for task in SDMPRUNE_TASKS:
-        cells = [f"{100 * result['tasks'][task]['value']:.1f}" for _, result in columns]
+    for task in [*SDMPRUNE_TASKS, *(name for name in dense["tasks"] if name not in SDMPRUNE_TASKS)]:
+        cells = [f"{100 * result['tasks'][task]['value']:.1f}" if task in result["tasks"] else "—"
+                 for _, result in columns]
         lines.append(f"| {task} | {dense['tasks'][task]['metric']} | {' | '.join(cells)} |")
     averages = [f"**{100 * result['average']:.2f}**" for _, result in columns]
     shares = [f"{100 * result['average'] / dense['average']:.1f}" for _, result in columns]
-    lines += [f"| **average** | | {' | '.join(averages)} |", f"| % of dense | | {' | '.join(shares)} |"]
+    lines += [f"| **average (the 10)** | | {' | '.join(averages)} |", f"| % of dense | | {' | '.join(shares)} |"]
     return lines
 
 
@@ -221,7 +223,8 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
              f"{args.recover_tokens:,} recovery tokens (C4 windows of 256) for both recovery losses. Perplexity: "
              "WikiText-2 / C4, first 8,192 tokens of each, windows of 512, bf16 autocast, measured by compress after "
              f"every stage. Zero-shot: the paper's 10 tasks, first {TASK_LIMIT} items each (`sdmprune eval --tasks "
-             "sdmprune --limit 200`), on the dense model and on each export; values in percent.", "",
+             "sdmprune --limit 200`), on each export (all 12 local tasks on the dense model); values in percent, "
+             "the average over the 10.", "",
              "## Goals", "", *goals(results, args), ""]
     for model in dict.fromkeys(run["model"] for run in results["runs"].values()):
         lines += [f"## {model}", "", "Perplexity (WikiText-2 / C4) after each stage:", "",
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
 
     for model in filter(installed, args.models):
         if args.tasks and f"{model}|dense" not in results["tasks"]:
-            results["tasks"][f"{model}|dense"] = task_run(model, args.work_dir / f"{Path(model).name}-dense-tasks")
+            dense_output = args.work_dir / f"{Path(model).name}-dense-tasks"
+            results["tasks"][f"{model}|dense"] = task_run(model, dense_output, "all")
             remember(results["tasks"][f"{model}|dense"]["command"])
             save()
         for ratio in args.ratios:
