@@ -96,8 +96,13 @@ def tasks_argv(model: str, output: Path, tasks: str) -> list[str]:
             "--eval-batch-size", "8", "--output", str(output)]
 
 
+def run_key(model: str, ratio: float, recovery: str, seed: int, tokens: int) -> str:
+    return f"{model}|{ratio}|{recovery}|{seed}|{0 if recovery == 'none' else tokens}"
+
+
 def compress_run(model: str, ratio: float, recovery: str, args: argparse.Namespace) -> dict:
-    output = args.work_dir / f"{Path(model).name}-{ratio:g}-{recovery}-s{args.seed}"
+    tokens = 0 if recovery == "none" else args.recover_tokens
+    output = args.work_dir / f"{Path(model).name}-{ratio:g}-{recovery}-s{args.seed}-t{tokens}"
     argv = compress_argv(model, ratio, recovery, args, output)
     command = "sdmprune " + shlex.join(argv)
     if interrupted(output, FINISHED):
@@ -106,8 +111,8 @@ def compress_run(model: str, ratio: float, recovery: str, args: argparse.Namespa
         argv.append("--overwrite")
     seconds = sdmprune(argv)
     report = json.loads((output / FINISHED).read_text())
-    return {"model": model, "ratio": ratio, "recovery": recovery, "seed": args.seed, "command": command,
-            "output": str(output), "wall_seconds": seconds, "achieved": report["achieved"],
+    return {"model": model, "ratio": ratio, "recovery": recovery, "seed": args.seed, "recover_tokens": tokens,
+            "command": command, "output": str(output), "wall_seconds": seconds, "achieved": report["achieved"],
             "evaluation": report["evaluation"], "stages": report["stages"]}
 
 
@@ -129,21 +134,22 @@ def _ppl(figures: dict | None) -> str:
     return " / ".join(f"{figures[name]['ppl']:.1f}" if name in figures else "—" for name in PPL_SETS)
 
 
-def _runs_of(results: dict, model: str) -> dict[tuple[float, str], dict]:
-    return {(r["ratio"], r["recovery"]): r for r in results["runs"].values() if r["model"] == model}
-
-
 def perplexity_table(results: dict, model: str) -> list[str]:
-    runs = _runs_of(results, model)
-    lines = ["| ratio | params after | dense | pruned | refit | recovered CE | recovered KD |",
-             "|---|---|---|---|---|---|---|"]
-    for ratio in sorted({ratio for ratio, _ in runs}):
-        mine = {recovery: run for (r, recovery), run in runs.items() if r == ratio}
-        first = next(iter(mine.values()))
-        cells = [_ppl(first["evaluation"].get("dense")), _ppl(first["evaluation"].get("pruned")),
-                 _ppl(first["evaluation"].get("reconstructed"))]
-        cells += [_ppl(mine[r]["evaluation"].get("recovered")) if r in mine else "—" for r in ("ce", "kd")]
-        lines.append(f"| {ratio:.0%} | {first['achieved']['params_after'] / 1e6:.1f}M | {' | '.join(cells)} |")
+    """A row per (ratio, seed, recovery tokens): perplexity after each stage."""
+    groups: dict[tuple, dict[tuple[str, int], dict]] = {}
+    for run in results["runs"].values():
+        if run["model"] == model:
+            groups.setdefault((run["ratio"], run["seed"]), {})[run["recovery"], run["recover_tokens"]] = run
+    lines = ["| ratio | seed | params after | dense | pruned | refit | recovery tokens | recovered CE | recovered KD |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (ratio, seed), runs in sorted(groups.items()):
+        first = next(iter(runs.values()))
+        stages = [_ppl(first["evaluation"].get(stage)) for stage in ("dense", "pruned", "reconstructed")]
+        for tokens in sorted({tokens for recovery, tokens in runs if recovery != "none"} or {0}):
+            recovered = [_ppl(runs[r, tokens]["evaluation"].get("recovered")) if (r, tokens) in runs else "—"
+                         for r in ("ce", "kd")]
+            lines.append(f"| {ratio:.0%} | {seed} | {first['achieved']['params_after'] / 1e6:.1f}M | "
+                         f"{' | '.join(stages)} | {tokens:,} | {' | '.join(recovered)} |")
     return lines
 
 
@@ -151,7 +157,8 @@ def task_table(results: dict, model: str) -> list[str]:
     columns = [("dense", results["tasks"].get(f"{model}|dense"))]
     for key, run in sorted(results["runs"].items()):
         if run["model"] == model and key in results["tasks"]:
-            columns.append((f"{run['ratio']:.0%} {LABELS[run['recovery']]}", results["tasks"][key]))
+            tokens = f", {run['recover_tokens'] // 1024}k tokens" if run["recovery"] != "none" else ""
+            columns.append((f"{run['ratio']:.0%} {LABELS[run['recovery']]}{tokens}", results["tasks"][key]))
     if columns[0][1] is None or len(columns) == 1:
         return ["(not evaluated yet)"]
     dense = columns[0][1]
@@ -175,7 +182,8 @@ def cost_table(results: dict) -> list[str]:
         cells = [f"{stages[name]['seconds']:.0f} s, {stages[name]['peak_memory_mib'] / 1024:.1f} GiB"
                  if name in stages and stages[name].get("peak_memory_mib") else "—"
                  for name in ("calibrate", "prune", "reconstruct", "recover", "evaluate")]
-        lines.append(f"| {run['model']} | {run['ratio']:.0%} | {run['recovery']} | {' | '.join(cells)} | "
+        recovery = run["recovery"] + (f" ({run['recover_tokens']:,} tokens)" if run["recovery"] != "none" else "")
+        lines.append(f"| {run['model']} | {run['ratio']:.0%} | {recovery} | {' | '.join(cells)} | "
                      f"{run['wall_seconds']:.0f} |")
     return lines
 
@@ -186,46 +194,46 @@ def nuteprune_row(ratio: float, seed: int) -> dict | None:
     return json.loads(NUTEPRUNE_QUALITY.read_text())["records"].get(f"nuteprune|{ratio}|{seed}")
 
 
-def goals(results: dict, args: argparse.Namespace) -> list[str]:
+def goals(results: dict) -> list[str]:
     """Where the runs stand against the issue's three goals."""
     lines = []
-    smol = results["runs"].get(f"smollm2-135m|0.2|kd|{args.seed}")
-    if smol:
-        dense, recovered = (smol["evaluation"][stage]["wikitext2"]["ppl"] for stage in ("dense", "recovered"))
-        lines.append(f"- SmolLM2 20%, WikiText-2 PPL within 1.5× of dense: recovered (KD) {recovered:.1f} vs dense "
-                     f"{dense:.1f} = {recovered / dense:.2f}× — {'met' if recovered <= 1.5 * dense else 'not met'}.")
-    dense_tasks = results["tasks"].get("qwen2.5-coder-0.5b|dense")
-    for recovery in ("kd", "ce"):
-        qwen = results["tasks"].get(f"qwen2.5-coder-0.5b|0.2|{recovery}|{args.seed}")
-        if dense_tasks and qwen:
-            share = qwen["average"] / dense_tasks["average"]
-            lines.append(f"- Qwen2.5-Coder-0.5B 20%, recovered ({recovery.upper()}) ≥ 97% of the dense 10-task "
-                         "average: "
-                         f"{100 * qwen['average']:.2f} vs {100 * dense_tasks['average']:.2f} = {100 * share:.1f}% — "
-                         f"{'met' if share >= 0.97 else 'not met'}.")
-    nute = nuteprune_row(0.3, args.seed)
-    for recovery in ("kd", "ce"):
-        run = results["runs"].get(f"smollm2-135m|0.3|{recovery}|{args.seed}")
-        if nute and run:
-            ours = run["evaluation"]["recovered"]
-            tokens = args.recover_tokens + 64 * 256
-            lines.append(f"- SmolLM2 30%, ahead of NutePrune at equal training tokens: recovered ({recovery.upper()}) "
-                         f"{_ppl(ours)} with {tokens:,} tokens (calibration + recovery) vs NutePrune "
+    for run in results["runs"].values():
+        if run["model"] != "smollm2-135m" or run["recovery"] == "none":
+            continue
+        name = f"{run['recovery'].upper()}, {run['recover_tokens']:,} tokens, seed {run['seed']}"
+        recovered = run["evaluation"]["recovered"]
+        if run["ratio"] == 0.2:
+            dense, ppl = run["evaluation"]["dense"]["wikitext2"]["ppl"], recovered["wikitext2"]["ppl"]
+            lines.append(f"- SmolLM2 20%, WikiText-2 PPL within 1.5× of dense ({name}): {ppl:.1f} vs dense "
+                         f"{dense:.1f} = {ppl / dense:.2f}× — {'met' if ppl <= 1.5 * dense else 'not met'}.")
+        if run["ratio"] == 0.3 and (nute := nuteprune_row(0.3, run["seed"])):
+            tokens = run["recover_tokens"] + 64 * 256
+            ahead = all(recovered[n]["ppl"] < nute["ppl"][n]["ppl"] for n in PPL_SETS)
+            lines.append(f"- SmolLM2 30%, ahead of NutePrune at equal training tokens ({name}): {_ppl(recovered)} "
+                         f"with {tokens:,} tokens (calibration + recovery) vs NutePrune "
                          f"{nute['ppl']['wikitext2']['ppl']:.1f} / {nute['ppl']['c4']['ppl']:.1f} with "
-                         f"{nute['budget']['tokens']:,} (WikiText-2 / C4) — "
-                         f"{'met' if all(ours[n]['ppl'] < nute['ppl'][n]['ppl'] for n in PPL_SETS) else 'not met'}.")
+                         f"{nute['budget']['tokens']:,} (WikiText-2 / C4) — {'met' if ahead else 'not met'}.")
+    dense_tasks = results["tasks"].get("qwen2.5-coder-0.5b|dense")
+    for key, run in results["runs"].items():
+        if run["model"] == "qwen2.5-coder-0.5b" and run["ratio"] == 0.2 and dense_tasks and key in results["tasks"]:
+            share = results["tasks"][key]["average"] / dense_tasks["average"]
+            name = (f"{run['recovery'].upper()}, {run['recover_tokens']:,} tokens" if run["recovery"] != "none"
+                    else "refit only")
+            lines.append(f"- Qwen2.5-Coder-0.5B 20%, ≥ 97% of the dense 10-task average ({name}, seed {run['seed']}): "
+                         f"{100 * results['tasks'][key]['average']:.2f} vs {100 * dense_tasks['average']:.2f} = "
+                         f"{100 * share:.1f}% — {'met' if share >= 0.97 else 'not met'}.")
     return lines or ["(no run yet)"]
 
 
-def markdown(results: dict, args: argparse.Namespace) -> str:
+def markdown(results: dict) -> str:
     lines = ["# `sdmprune compress`: dense → pruned → refit → recovered", "",
-             f"Each run is one `sdmprune compress` command (commands below), seed {args.seed}, "
-             f"{args.recover_tokens:,} recovery tokens (C4 windows of 256) for both recovery losses. Perplexity: "
+             "Each run is one `sdmprune compress` command (commands below); the recovery tokens (C4 windows of 256) "
+             "are the same for both recovery losses in a row. Perplexity: "
              "WikiText-2 / C4, first 8,192 tokens of each, windows of 512, bf16 autocast, measured by compress after "
              f"every stage. Zero-shot: the paper's 10 tasks, first {TASK_LIMIT} items each (`sdmprune eval --tasks "
              "sdmprune --limit 200`), on each export (all 12 local tasks on the dense model); values in percent, "
              "the average over the 10.", "",
-             "## Goals", "", *goals(results, args), ""]
+             "## Goals", "", *goals(results), ""]
     for model in dict.fromkeys(run["model"] for run in results["runs"].values()):
         lines += [f"## {model}", "", "Perplexity (WikiText-2 / C4) after each stage:", "",
                   *perplexity_table(results, model), "", "Zero-shot tasks:", "", *task_table(results, model), ""]
@@ -239,7 +247,8 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
 
 def plot(results: dict, path: Path) -> None:
     plt = pyplot()
-    groups = [(f"{r['model']} {r['ratio']:.0%}", r) for r in results["runs"].values() if r["recovery"] == "kd"]
+    groups = [(f"{r['model']} {r['ratio']:.0%}, {r['recover_tokens'] // 1024}k tokens", r)
+              for r in results["runs"].values() if r["recovery"] == "kd"]
     if not groups:
         return
     figure, axes = plt.subplots(figsize=(7, 3.8), layout="tight")
@@ -264,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         results["machine"] = machine()
         results["command"] = "SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/compress.py"
-        write_results(args.results.stem, results, markdown(results, args), args.results.parent)
+        write_results(args.results.stem, results, markdown(results), args.results.parent)
         plot(results, args.results.with_suffix(".png"))
 
     def remember(command: str) -> None:
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
             save()
         for ratio in args.ratios:
             for recovery in args.recoveries:
-                key = f"{model}|{ratio}|{recovery}|{args.seed}"
+                key = run_key(model, ratio, recovery, args.seed, args.recover_tokens)
                 if key not in results["runs"]:
                     results["runs"][key] = compress_run(model, ratio, recovery, args)
                     remember(results["runs"][key]["command"])
