@@ -75,6 +75,29 @@ def test_deterministic_masks_remove_the_target_lowest_log_alpha_first():
         gates.deterministic(0.99)
 
 
+def test_without_head_gates_only_neurons_are_removed():
+    count = count_parameters(tiny_model("llama"))
+    gates = HardConcreteGates(count, 0.0, heads=False)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.randn(gates.log_alpha.shape, generator=torch.Generator().manual_seed(3)))
+    heads, neurons = gates.split(gates.deterministic(0.3))
+    assert all(h.all() for h in heads) and 0.3 <= gates.removed_ratio(torch.cat([*heads, *neurons])) < 0.31
+    heads, _ = gates.split(gates.sample())
+    assert all((h == 1).all() for h in heads)  # held at 1 while training
+    # the expected sparsity counts the neurons alone; the reachable ratio leaves every group and a neuron a layer
+    _, p_neurons = gates.split(1 - prob_nonzero(gates.log_alpha.detach().double()))
+    removed = sum(float(n.sum()) * c for n, c in zip(p_neurons, count.per_neuron, strict=True))
+    assert gates.expected_sparsity().item() == pytest.approx(removed / count.total, rel=1e-6)
+    neuron_cost = sum(w * c for w, c in zip(count.widths, count.per_neuron, strict=True))
+    assert gates.max_ratio() == pytest.approx((neuron_cost - sum(count.per_neuron)) / count.total)
+    assert gates.max_ratio() < HardConcreteGates(count, 0.0).max_ratio()
+
+    model = tiny_model("llama", **DEEPER)
+    result = nuteprune(model, calibration=WINDOWS, ratio=0.2, train_steps=30, head_gates=False, progress=False)
+    assert result.heads.kv_heads == count_parameters(model).kv_heads  # every group kept
+    assert result.report["achieved"]["ratio"] >= 0.2 and result.report["achieved"]["kv_head_ratio"] == 0
+
+
 def test_teacher_schedule_keeps_the_gap_then_walks_back_to_dense():
     settings = dict(every=0.01, gap=0.1, ratio=0.3, warmup_steps=70, total_steps=100)
     assert teacher_level(10, 0.05, **settings) == 0

@@ -253,6 +253,16 @@ def test_copy_teacher_gives_the_same_masks_as_the_masks_off_teacher():
     assert torch.equal(attached("copy", model).logits(ids), dense)
 
 
+def test_no_cold_start_scores_the_dense_model_under_distillation():
+    ids = calibration()
+    result = prune(tiny_model("llama"), mlp_ratio=0.4, criterion="sdmprune", calibration=ids, cold_start=0)
+    steps = result.report["steps"]
+    assert [step["stage"] for step in steps] == ["prune"] and steps[0]["alpha"] > 0
+    assert result.masks.widths == [38, 38]  # 64 neurons, 40% removed in one distillation step
+    with pytest.raises(SdmpruneError, match=r"--cold-start must be in \[0, 1\)"):
+        prune(tiny_model("llama"), mlp_ratio=0.4, criterion="sdmprune", calibration=ids, cold_start=1)
+
+
 def test_non_finite_loss_stops_the_run():
     model = tiny_model("llama")
     with torch.no_grad():

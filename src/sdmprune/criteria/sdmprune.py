@@ -53,7 +53,8 @@ class SDMPrune(Criterion):
     temperature: float | None = field(default=None, metadata=described(
         "teacher temperature T (default: official value for the nearest ratio)"))
     cold_start: float = field(default=0.025, metadata=described(
-        "fraction of MLP width pruned by the cross-entropy cold start"))
+        "fraction of MLP width pruned by the cross-entropy cold start (0: none, the distillation loss scores the "
+        "dense model itself)"))
     importance: str = field(default="activation-wanda", metadata=described(
         "activation-wanda (recommended, see bench/results/quality.md) = geometric mean of the activation Taylor "
         "score and structured Wanda's | weight = the paper's weight-space Taylor (faithful SDMPrune) | "
@@ -62,8 +63,8 @@ class SDMPrune(Criterion):
     teacher: Teacher = registered(TEACHERS, "masks-off", "the teacher of the self-distillation loss")
 
     def validate(self) -> None:
-        if not 0 < self.cold_start < 1:
-            raise SdmpruneError(f"--cold-start must be in (0, 1), got {self.cold_start}")
+        if not 0 <= self.cold_start < 1:
+            raise SdmpruneError(f"--cold-start must be in [0, 1), got {self.cold_start}")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise SdmpruneError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.temperature is not None and self.temperature <= 0:
@@ -79,14 +80,16 @@ class SDMPrune(Criterion):
                 "temperature": temperature if self.temperature is None else self.temperature}
 
     def plan(self, count: ParameterCount, target: float, steps: int) -> list[Step]:
-        """A cross-entropy cold start removing `cold_start` of the width, then `steps` distillation steps."""
+        """A cross-entropy cold start removing `cold_start` of the width (none at 0), then `steps` distillation
+        steps."""
         start = float(sum(count.widths))
         cold = start * (1 - self.cold_start)
         if cold <= target:
             raise SdmpruneError(f"--cold-start {self.cold_start} already reaches the target: lower it")
         self.teacher.check_steps(steps)
         settings = self.distillation_settings(count, target)
-        return [Step("cold-start", cold, {"alpha": 0.0, "temperature": 1.0}),
+        cold_start = [Step("cold-start", cold, {"alpha": 0.0, "temperature": 1.0})] if self.cold_start > 0 else []
+        return [*cold_start,
                 *(Step("prune", cold + (target - cold) * k / steps, settings) for k in range(1, steps + 1))]
 
     def attach(self, model: nn.Module, plan: list[Step], run: RunView) -> None:

@@ -12,7 +12,8 @@ is the expected fraction of the model's *total* parameters removed: Σ_j cost_j 
 Deterministic masks for a target ratio remove gates in increasing order of log α until that fraction
 of the total is removed; each layer keeps at least its best group and its best neuron, so every layer
 stays a valid attention + MLP block. A layer's only group (Gemma 3 270M/1B have one key/value head) is
-therefore never removed; its gate is held at 1 while training and left out of the expected sparsity.
+therefore never removed; its gate is held at 1 while training and left out of the expected sparsity. Without
+head gates (`heads=False`: MLP neurons only, at the same total ratio) every group is held so.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ class HardConcreteGates(nn.Module):
     """log α of every attention group and MLP neuron of a model, with the costs of what each removes.
 
     `count` is the model's parameter count (from `count_parameters`): it gives the gates per layer
-    (`kv_heads`, `widths`) and their costs (`per_kv_head`, `per_neuron`, of `total`).
+    (`kv_heads`, `widths`) and their costs (`per_kv_head`, `per_neuron`, of `total`). `heads=False` holds every
+    attention group at 1: only neurons are removed.
     """
 
-    def __init__(self, count: ParameterCount, init: float, device: torch.device | str | None = None):
+    def __init__(self, count: ParameterCount, init: float, device: torch.device | str | None = None,
+                 heads: bool = True):
         super().__init__()
         self.count = count
         self.sizes = [*count.kv_heads, *count.widths]  # gates per segment: groups of each layer, then neurons
@@ -62,7 +65,9 @@ class HardConcreteGates(nn.Module):
         # `deterministic`; letting the sparsity loss push it down would train the student without attention in
         # that layer and count parameters the export keeps.
         sizes = torch.tensor(self.sizes)
-        removable = (sizes > 1).repeat_interleave(sizes).to(device)  # (N,) bool
+        segment_removable = sizes > 1
+        segment_removable[: len(count.kv_heads)] &= heads
+        removable = segment_removable.repeat_interleave(sizes).to(device)  # (N,) bool
         self.register_buffer("removable", removable, persistent=False)
         self.log_alpha = nn.Parameter(torch.full((len(costs),), float(init), device=device))
 
@@ -92,9 +97,12 @@ class HardConcreteGates(nn.Module):
         self.log_alpha.clamp_(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
 
     def max_ratio(self) -> float:
-        """The largest ratio deterministic masks can reach (one group and one neuron kept per layer)."""
-        kept = sum(self.count.per_kv_head) + sum(self.count.per_neuron)
-        return (float(self.costs.sum()) - kept) / self.count.total
+        """The largest ratio deterministic masks can reach (one group and one neuron kept per layer, every group
+        where heads are not gated)."""
+        kept = sum(float(costs[0]) for costs, removable in zip(self.costs.split(self.sizes),
+                                                                 self.removable.split(self.sizes), strict=True)
+                   if removable.any())  # the best gate of each removable segment stays
+        return (float(self.costs[self.removable].sum()) - kept) / self.count.total
 
     @torch.no_grad()
     def deterministic(self, ratio: float, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,6 +119,7 @@ class HardConcreteGates(nn.Module):
         offsets = torch.tensor([0, *self.sizes], device=log_alpha.device).cumsum(0)[:-1]
         best = torch.stack([segment.argmax() for segment in log_alpha.split(self.sizes)]) + offsets
         order_key[best] = math.inf  # never removed
+        order_key[~self.removable] = math.inf
         order = torch.argsort(order_key, stable=True)
         removed = self.costs[order].cumsum(0)  # parameters removed by the first 1, 2, ... gates of `order`
         n_remove = int((removed < ratio * self.count.total - 1e-6).sum()) + 1 if ratio > 0 else 0

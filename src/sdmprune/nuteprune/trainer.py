@@ -48,6 +48,8 @@ class NutePruneConfig:
 
     target: TargetOptions = field(default_factory=TargetOptions)
     train_steps: int = field(default=500, metadata=described("optimizer steps"))
+    head_gates: bool = field(default=True, metadata=described(
+        "learn gates over attention groups as well as MLP neurons (off: MLP neurons only, at the same total ratio)"))
     sparsity_warmup: float = field(default=0.7, metadata=described(
         "fraction of the steps over which the sparsity target ramps linearly from 0 to the ratio"))
     train_batch_size: int = field(default=1, metadata=described("calibration windows per step"))
@@ -129,7 +131,7 @@ class NutePruneRun:
         device = next(model.parameters()).device
         self.config = config
         self.count = count_parameters(model)
-        self.gates = HardConcreteGates(self.count, config.gate_init, device)
+        self.gates = HardConcreteGates(self.count, config.gate_init, device, heads=config.head_gates)
         if config.ratio > self.gates.max_ratio():
             raise SdmpruneError(f"--ratio {config.ratio} cannot be reached by removing attention groups and MLP "
                                 f"neurons: at most {self.gates.max_ratio():.3f} of the total; ask for less")
