@@ -14,7 +14,7 @@ accumulate in bench/results/quality.json; quality.md (mean ± sample std over se
 differences against the best baseline) and quality.png are rebuilt from it after every run.
 
 `nuteprune` trains instead of scoring: NUTEPRUNE_WINDOWS C4 windows of the seed, one per step, and its
-sparsity/teacher trajectory goes to results/quality-nuteprune-<ratio>-<seed>.png. Every new record carries
+sparsity/teacher trajectory goes to results/<results name>-<method>-<ratio>-<seed>.png. Every new record carries
 its budget (seconds, tokens seen) and the peak resident memory of the pruning call above the memory
 before it (Linux VmHWM, reset just before the call; CUDA: peak allocated).
 """
@@ -46,13 +46,14 @@ RESULTS = Path(__file__).parent / "results"
 
 # Name -> PruneConfig settings. The first six are the paper's comparison (each baseline as its authors
 # define its score, all with the paper's uniform allocation); the rest are our variants of SDMPrune.
+FAITHFUL = {"criterion": "sdmprune", "importance": "weight", "bias_compensation": False}  # the paper's SDMPrune
 METHODS: dict[str, dict] = {
     "random": {"criterion": "random"},
     "magnitude": {"criterion": "magnitude"},
     "wanda-sp": {"criterion": "wanda-sp"},
     "taylor": {"criterion": "taylor"},
     "flap": {"criterion": "flap"},  # with its bias compensation
-    "sdmprune": {"criterion": "sdmprune", "importance": "weight", "bias_compensation": False},  # the paper
+    "sdmprune": FAITHFUL,
     "sdmprune-activation": {"criterion": "sdmprune", "importance": "activation", "bias_compensation": False},
     "sdmprune-fisher": {"criterion": "sdmprune", "importance": "fisher", "bias_compensation": False},
     "sdmprune-activation-wanda": {"criterion": "sdmprune", "importance": "activation-wanda",
@@ -71,6 +72,16 @@ METHODS: dict[str, dict] = {
     # The preset with FLAP's non-uniform widths (standardised scores ranked across layers).
     "sdmprune-activation-wanda-global": {"criterion": "sdmprune", "importance": "activation-wanda",
                                          "bias_compensation": False, "allocation": "global"},
+    # The paper's claims (bench/paper_claims.py): the faithful sdmprune with one setting changed (the official
+    # α, T at 20% are 0.4, 0.2), and NutePrune without its attention-group gates.
+    "sdmprune-ce": {**FAITHFUL, "alpha": 0.0},  # cross-entropy Taylor in both stages
+    "sdmprune-cold0": {**FAITHFUL, "cold_start": 0.0},
+    "sdmprune-cold10": {**FAITHFUL, "cold_start": 0.1},
+    "sdmprune-a0.2": {**FAITHFUL, "alpha": 0.2},
+    "sdmprune-a0.6": {**FAITHFUL, "alpha": 0.6},
+    "sdmprune-t0.5": {**FAITHFUL, "temperature": 0.5},
+    "sdmprune-t1": {**FAITHFUL, "temperature": 1.0},
+    "nuteprune-mlp": {"method": "nuteprune", "train_steps": 500, "head_gates": False},
 }
 # Reconstruction after the masks (`--reconstruct`, sdmprune.reconstruct with its default settings): record
 # "<method>+<refit>" holds the same masks as record "<method>" with the kept down_proj weights refitted.
@@ -181,7 +192,7 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
         if learned:
             result = nuteprune(model, calibration=calibration, calibration_summary=summary, progress=False, **config)
             model = result.model
-            plot_trajectory(result.log, args.results.parent / f"quality-nuteprune-{ratio}-{seed}.png")
+            plot_trajectory(result.log, args.results.parent / f"{args.results.stem}-{method}-{ratio}-{seed}.png")
         else:
             result = prune(model, calibration=calibration, calibration_summary=summary, **config)
     seconds = time.perf_counter() - start
