@@ -5,7 +5,10 @@ with model size.
 
 - tokens: the bundled SmolLM2-135M with 4, 8, 16 and 32 C4 windows of 256 tokens;
 - parameters: randomly initialised Llama-shaped models of about 30M, 100M, 300M and 1B parameters (tied
-  embeddings, vocabulary 32,000), each with the same 4 random windows of 128 tokens.
+  embeddings, vocabulary 32,000), each with the same 4 random windows of 128 tokens;
+- real: the real models SmolLM2-135M, Qwen2.5-Coder-0.5B and -1.5B (the last two after `setup.sh --models`),
+  each with 4 C4 windows of 128 tokens, to set beside the random-weight curve.
+`--series real` runs one series and keeps the others already in the results file.
 
 Each run is its own process; wall time and peak resident memory above the loaded model are recorded, and
 a least-squares slope of log(cost) against log(size) is fitted per series (1 = linear). Writes
@@ -32,12 +35,13 @@ SIZES = {  # name -> (hidden, intermediate, layers, heads, kv heads)
     "~1B": (2048, 5632, 21, 32, 8),
 }
 SIZE_WINDOWS, SIZE_SEQ_LEN, VOCAB = 4, 128, 32000
+REAL_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--series", default="tokens,parameters", help="which series to run")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # "tokens:<windows>" or "parameters:<size name>"
+    parser.add_argument("--series", default="tokens,parameters,real", help="which series to run")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # "tokens:<windows>", "parameters:<size>", "real:<model>"
     return parser.parse_args(argv)
 
 
@@ -62,6 +66,9 @@ def worker(spec: str) -> dict:
     if series == "tokens":
         model, tokenizer = load_model("smollm2-135m")
         ids, _ = load_calibration("c4", tokenizer, n_samples=int(value), seq_len=TOKEN_SEQ_LEN, seed=0)
+    elif series == "real":
+        model, tokenizer = load_model(value)
+        ids, _ = load_calibration("c4", tokenizer, n_samples=SIZE_WINDOWS, seq_len=SIZE_SEQ_LEN, seed=0)
     else:
         model = random_llama(value)
         ids = torch.randint(VOCAB, (SIZE_WINDOWS, SIZE_SEQ_LEN), generator=torch.Generator().manual_seed(0))
@@ -80,8 +87,9 @@ def markdown(results: dict) -> str:
     for series, rows in results["series"].items():
         x = "tokens" if series == "tokens" else "params"
         fit = results["slopes"][series]
-        title = ("calibration tokens (SmolLM2-135M)" if series == "tokens"
-                 else f"model parameters (random Llama-shaped, {SIZE_WINDOWS * SIZE_SEQ_LEN} tokens)")
+        title = {"tokens": "calibration tokens (SmolLM2-135M)",
+                 "parameters": f"model parameters (random Llama-shaped, {SIZE_WINDOWS * SIZE_SEQ_LEN} tokens)",
+                 "real": f"model parameters (real models, {SIZE_WINDOWS * SIZE_SEQ_LEN} C4 tokens)"}[series]
         lines += [f"## Against {title}",
                   "", f"Fitted log-log slope: time {fit['seconds']:.2f}, peak memory above the model "
                   f"{fit['above_model_mib']:.2f} (1 = linear).", "",
@@ -122,8 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     if not os.environ.get("SDMPRUNE_DATA_DIR"):
         raise SystemExit("set SDMPRUNE_DATA_DIR to the shared data directory (e.g. ../shared/data)")
     plan = {"tokens": {f"{n}×{TOKEN_SEQ_LEN}": f"tokens:{n}" for n in TOKEN_WINDOWS},
-            "parameters": {name: f"parameters:{name}" for name in SIZES}}
-    series = {}
+            "parameters": {name: f"parameters:{name}" for name in SIZES},
+            "real": {name: f"real:{name}" for name in REAL_MODELS}}
+    previous = RESULTS / "perf_growth.json"
+    series = json.loads(previous.read_text())["series"] if previous.exists() else {}
     for name in args.series.split(","):
         series[name] = {}
         for label, spec in plan[name].items():
@@ -134,9 +144,12 @@ def main(argv: list[str] | None = None) -> None:
                               [r[key] for r in rows.values()]) for key in ("seconds", "above_model_mib")}
         for name, rows in series.items()
     }
+    command = ("SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/perf_growth.py "
+               + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    earlier = json.loads(previous.read_text())["command"].splitlines() if previous.exists() else []
+    kept = set(series) - set(args.series.split(","))  # series of earlier commands still in the file
     results = {"machine": machine(), "series": series, "slopes": slopes,
-               "command": "SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/perf_growth.py "
-                          + " ".join(sys.argv[1:] if argv is None else argv)}
+               "command": "\n".join(dict.fromkeys([*(earlier if kept else []), command]))}
     write_results("perf_growth", results, markdown(results))
     plot(results, RESULTS / "perf_growth.png")
 
