@@ -113,7 +113,7 @@ def compress_run(model: str, ratio: float, recovery: str, args: argparse.Namespa
     report = json.loads((output / FINISHED).read_text())
     return {"model": model, "ratio": ratio, "recovery": recovery, "seed": args.seed, "recover_tokens": tokens,
             "command": command, "output": str(output), "wall_seconds": seconds, "achieved": report["achieved"],
-            "evaluation": report["evaluation"], "stages": report["stages"]}
+            "evaluation": report["evaluation"], "stages": report["stages"], "plan": report["plan"]}
 
 
 def task_run(model: str, output: Path, tasks: str = "sdmprune") -> dict:
@@ -179,7 +179,9 @@ def cost_table(results: dict) -> list[str]:
         ("calibrate", "prune", "reconstruct", "recover", "evaluate")) + " | wall (s) |", "|---|---|---|" + "---|" * 6]
     for run in results["runs"].values():
         stages = {s["stage"]: s for s in run["stages"]}
-        cells = [f"{stages[name]['seconds']:.0f} s, {stages[name]['peak_memory_mib'] / 1024:.1f} GiB"
+        plan = {s["stage"]: s for s in run["plan"]}
+        cells = [f"{stages[name]['seconds']:.0f} s (est. {plan[name]['seconds']:.0f}), "
+                 f"{stages[name]['peak_memory_mib'] / 1024:.1f} GiB (est. {plan[name]['memory_gib']:.1f})"
                  if name in stages and stages[name].get("peak_memory_mib") else "—"
                  for name in ("calibrate", "prune", "reconstruct", "recover", "evaluate")]
         recovery = run["recovery"] + (f" ({run['recover_tokens']:,} tokens)" if run["recovery"] != "none" else "")
@@ -240,7 +242,8 @@ def markdown(results: dict) -> str:
     lines += ["## Seconds and peak memory per stage", "",
               "Peak memory: the process's peak resident memory during the stage (Linux VmHWM reset at its start; "
               "the weights included). Every stage's seconds include its perplexity passes (two texts); evaluate is "
-              "empty here (the tasks run apart, on the export).", "", *cost_table(results), "",
+              "empty here (the tasks run apart, on the export). `est.`: the plan `compress --dry-run` prints.", "",
+              *cost_table(results), "",
               "Commands:", "", "```bash", *results["commands"], "```", ""]
     return "\n".join(lines + footer(results))
 
