@@ -55,9 +55,9 @@ def library_versions() -> dict[str, str]:
 
 
 class PeakMemory:
-    """Peak memory since `reset()`, in MiB: CUDA's peak allocated on `device`, else this process's peak resident
-    memory (Linux VmHWM, which `reset()` sets back to the current RSS through /proc/self/clear_refs); None where
-    neither can be read (another OS)."""
+    """Memory in MiB: CUDA's allocations on `device`, else this process's resident memory (Linux /proc; `reset()`
+    sets the high-water mark VmHWM back to the current RSS through /proc/self/clear_refs); None where neither can
+    be read (another OS)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -73,11 +73,21 @@ class PeakMemory:
             pass
 
     def peak_mib(self) -> float | None:
+        """The peak since `reset()`."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return self._status("VmHWM")
+
+    def current_mib(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return self._status("VmRSS")
+
+    @staticmethod
+    def _status(name: str) -> float | None:
         try:
             with open("/proc/self/status") as status:
-                line = next(line for line in status if line.startswith("VmHWM:"))
+                line = next(line for line in status if line.startswith(f"{name}:"))
         except (OSError, StopIteration):
             return None
         return int(line.split()[1]) / 1024

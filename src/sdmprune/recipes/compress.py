@@ -46,9 +46,13 @@ from .steps import calibration_windows, load, measure, perplexity_windows, say
 STAGES = ("calibrate", "prune", "reconstruct", "recover", "evaluate", "export")
 # down_proj stays without LoRA: its input is what the masks cut, and its weight may be a refit held by the masks
 COMPRESS_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"
-# Fractions of the matmul ceiling reached here: inference ~0.8 (SmolLM2 forward 370 tok/s fp32 against 117
-# GFLOP/s), passes with a backward 0.38-0.49 (bench/results/perf_cost.md)
-FORWARD_EFFICIENCY, TRAINING_EFFICIENCY = 0.8, 0.4
+# Fractions of the matmul ceiling our passes reach, (fp32, bf16 autocast): fp32 inference ~0.8 (SmolLM2 forward 370
+# tok/s against 117 GFLOP/s), passes with a backward 0.38-0.49 (bench/results/perf_cost.md); under bf16 autocast
+# every stage of a compress run of SmolLM2 reached ~0.4 (bench/results/compress.md)
+FORWARD_EFFICIENCY, TRAINING_EFFICIENCY = {False: 0.8, True: 0.4}, {False: 0.4, True: 0.4}
+# Layer passes over the calibration tokens per reconstruction mode (sequential: the dense and the pruned stream,
+# and the refitted layer again), fitted to the same run
+RECONSTRUCT_PASSES = {"none": 0, "one-shot": 2, "sequential": 3}
 
 
 TEACHERS = ("live", "cached")
@@ -122,14 +126,14 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     from the parameters and tokens, at the efficiencies above of the matmul speed measured now."""
     count, pruning = count_parameters(model), config.pruning
     bf16 = pruning.runtime.bf16
-    params, width, layers = count.total, max(count.widths), len(count.widths)
+    params, width = count.total, max(count.widths)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ceiling = _matmul_gflops(bf16, next(model.parameters()).device) * 1e9
     calibration_tokens = config.calibration.calib_samples * config.calibration.calib_seq_len
     recovery_tokens = config.source.recover_tokens * config.recovery.epochs
     eval_tokens = config.evaluation.max_tokens * len(perplexity_sets(config.evaluation))
     task_tokens = 40_000 * len(parse_task_names(config.tasks.tasks)) if config.tasks.tasks else 0  # at --limit 200
-    reconstruct_passes = {"none": 0, "one-shot": 1, "sequential": 2}[config.reconstruction.reconstruct]
+    reconstruct_passes = RECONSTRUCT_PASSES[config.reconstruction.reconstruct]
     recovering = config.source.recover_data != "none"
     cached = recovering and config.source.recover_teacher == "cached"
     cold_start = 4 if pruning.criterion.name == "sdmprune" else 0
@@ -145,19 +149,27 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
         "export": (0, 0),
     }
     logits = 4 * max(config.calibration.calib_seq_len, config.recovery.max_len) * model.config.vocab_size
-    memory = {
-        "calibrate": weight_bytes,
-        "prune": weight_bytes * (2 if getattr(pruning.criterion, "importance", "") == "weight" else 1.3) + 3 * logits,
-        "reconstruct": weight_bytes + 8 * layers * width**2,  # fp64 Gram per layer
-        # fp32 logits of a window live in ~16 copies (student, teacher, softmaxes, gradients): fitted to the
-        # SmolLM2 run measured in the README (peak RSS 4.3 GiB)
-        "recover": weight_bytes * 1.3 + 16 * logits * config.recovery.batch_size,
-        "evaluate": weight_bytes * 1.2,
-        "export": weight_bytes * 2,
+    eval_logits = 4 * config.evaluation.seq_len * model.config.vocab_size * config.evaluation.eval_batch_size
+    # above a base: on a GPU what is allocated now; on the CPU what the process holds now plus the weights (loaded
+    # weights are often memory-mapped and become resident only when a pass reads them; where they already are, the
+    # base counts them twice). A stage's peak also holds what earlier stages left on the heap, not modelled here.
+    extra = {
+        "calibrate": 3 * eval_logits,
+        "prune": weight_bytes * (2 if getattr(pruning.criterion, "importance", "") == "weight" else 1) + 3 * logits,
+        "reconstruct": weight_bytes + 8 * width**2,  # one layer's fp64 Gram at a time
+        # fp32 logits of a window live in ~16 copies (student, teacher, softmaxes, gradients)
+        "recover": weight_bytes * 0.3 + 16 * logits * config.recovery.batch_size,
+        "evaluate": weight_bytes * 0.2,
+        "export": weight_bytes,
     }
-    seconds = {stage: forward / (ceiling * FORWARD_EFFICIENCY) + training / (ceiling * TRAINING_EFFICIENCY)
+    device = next(model.parameters()).device
+    held = (PeakMemory(device).current_mib() or 0) * 2**20
+    base = held if device.type == "cuda" else weight_bytes + held
+    efficiency = FORWARD_EFFICIENCY[bf16], TRAINING_EFFICIENCY[bf16]
+    seconds = {stage: forward / (ceiling * efficiency[0]) + training / (ceiling * efficiency[1])
                for stage, (forward, training) in work.items()}
-    return [{"stage": stage, "seconds": round(seconds[stage], 1), "memory_gib": round(memory[stage] / 2**30, 2)}
+    return [{"stage": stage, "seconds": round(seconds[stage], 1),
+             "memory_gib": round((base + extra[stage]) / 2**30, 2)}
             for stage in STAGES if stage != "reconstruct" or config.reconstruction.reconstruct != "none"
             if stage != "recover" or recovering]
 
