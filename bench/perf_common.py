@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdmprune import runtime
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -63,25 +65,12 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float
     return 2 * size**3 / best
 
 
-class PeakMemory:
-    """Peak resident memory (VmHWM) of this process since the last `reset()`, in MiB (Linux).
+class PeakMemory(runtime.PeakMemory):
+    """Peak and current resident memory of this process in MiB (Linux), whatever device the model is on: `reset()`
+    sets the high-water mark back to the current RSS, so one process can measure the peak of each phase."""
 
-    `reset()` writes 5 to /proc/self/clear_refs, which sets the high-water mark back to the current RSS,
-    so one process can measure the peak of each phase.
-    """
-
-    @staticmethod
-    def _status(field: str) -> float:
-        return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-    def reset(self) -> None:
-        Path("/proc/self/clear_refs").write_text("5")
-
-    def peak_mib(self) -> float:
-        return self._status("VmHWM")
-
-    def current_mib(self) -> float:
-        return self._status("VmRSS")
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
 
 
 def linear_weights(model: nn.Module) -> int:

@@ -99,7 +99,8 @@ class CompressRun(PruningRunOptions):
         training=TrainingOptions(lr=5e-4, save_every=4)))
     source: RecoverySource = field(default_factory=RecoverySource)
     tasks: TaskOptions = field(default_factory=TaskOptions)
-    evaluation: PerplexityOptions = field(default_factory=lambda: PerplexityOptions(max_tokens=8192))  # a list here
+    # --ppl-data may name several texts here (comma-separated), each measured after every stage
+    evaluation: PerplexityOptions = field(default_factory=lambda: PerplexityOptions(max_tokens=8192))
     dry_run: bool = field(default=False, metadata=described(
         "print the plan (stages, estimated time and memory) and stop"))
 
