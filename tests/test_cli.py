@@ -58,8 +58,8 @@ def test_help_is_generated_from_the_configs_and_registries(capsys, monkeypatch):
             assert f"{name}: {' '.join(registry.description(name).split())}" in out
             for f in fields(registry.get(name)):
                 assert "--" + f.name.replace("_", "-") in out
-    assert ("--cold-start COLD_START fraction of MLP width pruned by the cross-entropy cold start (default: 0.025)"
-            in out)
+    assert ("--cold-start COLD_START fraction of MLP width pruned by the cross-entropy cold start (0: none, the "
+            "distillation loss scores the dense model itself) (default: 0.025)" in out)
     assert "--train-steps" not in out
     assert main(["prune", "--method", "nuteprune", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
