@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import byte_tokenizer, tiny_model
 
 from sdmprune.cli import main
@@ -137,6 +139,7 @@ def test_eval_tasks_cli_writes_results(capsys, tmp_path, data_dir, one_thread):
     for r in result["tasks"].values():
         assert r["n"] == 4 and 0 <= r["value"] <= 1 and r["stderr"] is not None
     assert result["average"] is None and result["source"] == "local" and "perplexity" not in result
+    assert result["scorer"] == "SharedContextLM"
     table = (out / "results.md").read_text()
     assert "| arc_easy | acc_norm |" in table and "| boolq | acc |" in table and "n/a" in table
 
@@ -160,9 +163,60 @@ def test_with_bos_makes_a_copy_that_prepends_the_bos_token():
 
 def test_every_scored_request_starts_with_bos(data_dir, one_thread):
     model, tokenizer = tiny_model("llama", max_position_embeddings=2048), byte_tokenizer(bos=True)  # no truncation
-    first_tokens = []
-    model.register_forward_pre_hook(lambda module, args: first_tokens.append(args[0][:, 0].tolist()))
+    context_rows = []  # the first token of every row of every context pass (the passes without a cache)
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: context_rows.extend(kwargs["input_ids"][:, 0].tolist())
+        if kwargs.get("cache", kwargs.get("past_key_values")) is None else None, with_kwargs=True)
     result = evaluate_tasks(model, tokenizer, ["boolq", "siqa"], data_dir=data_dir, limit=3, batch_size=2)
-    first = [token for batch in first_tokens for token in batch]
-    assert len(first) == 3 * 2 + 3 * 3  # one row per (item, choice)
-    assert set(first) == {tokenizer.bos_token_id} and result["bos_token"] == "<bos>"
+    assert len(context_rows) == 3 + 3  # one per item: its 2 or 3 choices share the context pass
+    assert set(context_rows) == {tokenizer.bos_token_id} and result["bos_token"] == "<bos>"
+
+
+def _requests(seed: int, greedy_from=None) -> list:
+    """Harness-style requests ((texts), context tokens, continuation tokens): contexts shared by 1–4
+    continuations of 1–6 tokens, one request longer than the model's 64 positions, and with `greedy_from`
+    a continuation that is that model's greedy decoding of its context."""
+    generator = random.Random(seed)
+    requests = []
+    for item in range(5):
+        context = [generator.randrange(256) for _ in range(generator.randint(1, 12))]
+        for choice in range(generator.randint(1, 4)):
+            continuation = [generator.randrange(256) for _ in range(generator.randint(1, 6))]
+            requests.append(((f"c{item}", f"x{choice}"), context, continuation))
+    requests.append((("long", "y"), list(range(100, 190)), [5, 6, 7]))  # truncated from the left
+    if greedy_from is not None:
+        context, continuation = [7, 8, 9], []
+        with torch.no_grad():
+            for _ in range(4):
+                continuation.append(int(greedy_from(torch.tensor([context + continuation])).logits[0, -1].argmax()))
+        requests += [(("g", "greedy"), context, continuation), (("g", "other"), context, [continuation[0], 3])]
+    return requests
+
+
+@pytest.mark.parametrize("contexts_per_forward", [1, 3])
+def test_shared_context_scoring_equals_the_harness(arch, contexts_per_forward, one_thread):
+    from lm_eval.models.huggingface import HFLM
+
+    from sdmprune.evaluation.shared_context import SharedContextLM
+
+    model, tokenizer = tiny_model(arch, max_position_embeddings=64), byte_tokenizer()
+    requests = _requests(0, greedy_from=model)
+    options = dict(pretrained=model, tokenizer=tokenizer, batch_size=contexts_per_forward, max_length=64)
+    expected = HFLM(logits_cache=False, **options)._loglikelihood_tokens(requests, disable_tqdm=True)
+    scored = SharedContextLM(**options)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [greedy for _, greedy in scored] == [greedy for _, greedy in expected]
+    assert scored[-2][1] and not scored[-1][1]  # the greedy continuation is recognised as such
+    assert torch.allclose(torch.tensor([ll for ll, _ in scored]), torch.tensor([ll for ll, _ in expected]),
+                          rtol=1e-5, atol=1e-4)
+
+
+def test_contexts_are_grouped_once_and_truncated_as_the_harness_does():
+    from sdmprune.evaluation.shared_context import group_by_context
+
+    requests = [(("a", "1"), [1, 2], [3]), (("b", "1"), [4], [5, 6]), (("a", "2"), [1, 2], [7, 8]),
+                (("c", "1"), [9, 9, 9, 9], [1, 2])]
+    assert group_by_context(requests, max_length=4) == [
+        ([9, 9, 9], [(3, [1, 2])]),  # 6 tokens > max_length + 1: the context loses its first token
+        ([1, 2], [(0, [3]), (2, [7, 8])]),
+        ([4], [(1, [5, 6])]),
+    ]

@@ -3,6 +3,7 @@ library versions recorded beside every result. Imported by everything below the 
 
 from __future__ import annotations
 
+import inspect
 import platform
 from contextlib import nullcontext
 
@@ -36,6 +37,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def autocast_context(device: torch.device, bf16: bool):
     """bf16 autocast on `device` when asked, else nothing."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward argument (and output field) that carries a model's key/value cache: `cache` since
+    transformers 5.2x, `past_key_values` before (still accepted, deprecated)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def context_length(model: nn.Module) -> int | None:

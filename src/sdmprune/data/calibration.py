@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import inference_context, is_main
 from ..errors import SdmpruneError
-from ..runtime import context_length
+from ..runtime import cache_keyword, context_length
 from .text import CALIBRATION_DATASETS, dataset_documents, read_jsonl
 
 SELF_SOURCE = "self"
@@ -109,14 +109,15 @@ def sample_from_model(
     if tokenizer.eos_token_id is not None:
         banned[tokenizer.eos_token_id] = True
     samples = torch.empty(n_samples, seq_len, dtype=torch.long)
+    keyword = cache_keyword(model)
     with inference_context(model), tqdm(total=n_samples * (seq_len - 1), desc="calibration (self)", unit="tok",
                                         leave=False, disable=not is_main()) as bar:
         for first in range(0, n_samples, SELF_BATCH):
             ids = torch.full((min(SELF_BATCH, n_samples - first), seq_len), start_id, dtype=torch.long, device=device)
             cache = None
             for position in range(1, seq_len):
-                output = model(input_ids=ids[:, position - 1 : position], past_key_values=cache, use_cache=True)
-                cache = output.past_key_values
+                output = model(input_ids=ids[:, position - 1 : position], use_cache=True, **{keyword: cache})
+                cache = output[keyword]
                 logits = output.logits[:, -1].float().to(device) / temperature
                 ids[:, position] = _sample_top_p(logits.masked_fill(banned, float("-inf")), top_p, generator)
                 bar.update(ids.shape[0])

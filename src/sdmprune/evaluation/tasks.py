@@ -246,26 +246,31 @@ def evaluate_tasks(
     batch_size: int = 1,
     bf16: bool = False,
     seed: int = 0,
+    lm_class: type | None = None,
 ) -> dict:
     """Zero-shot evaluation of an in-memory model (a PreTrainedModel or a PeftModel) on `tasks` (names, or
     a `resolve_tasks` result).
 
-    Every request starts with the tokenizer's BOS token (see `with_bos`).
+    Every request starts with the tokenizer's BOS token (see `with_bos`). The harness builds the requests
+    and computes the metrics; `SharedContextLM` scores them, `batch_size` distinct contexts per forward
+    (`lm_class` replaces it by another HFLM subclass, e.g. HFLM itself: the harness's own scoring).
     Returns {"tasks": {name: {"harness_task", "metric", "value", "stderr", "n"}}, "average" (the 10-task
-    mean or None), "source" ("local" or "hub"), "bos_token" (None if the tokenizer has none), "limit",
-    "seconds"}; values are fractions in [0, 1].
+    mean or None), "source" ("local" or "hub"), "scorer" (the LM class), "bos_token" (None if the tokenizer
+    has none), "limit", "seconds"}; values are fractions in [0, 1].
     """
     _require_lm_eval()
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from .shared_context import SharedContextLM
 
     selection = tasks if isinstance(tasks, TaskSelection) else resolve_tasks(tasks, data_dir)
     run_names = selection.run_names
     if limit is not None and limit < 1:
         raise SdmpruneError(f"--limit must be at least 1, got {limit}")
     tokenizer = with_bos(tokenizer)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, add_bos_token=True, batch_size=batch_size,
-              max_length=context_length(model), mixed_precision_dtype=torch.bfloat16 if bf16 else None)
+    lm = (lm_class or SharedContextLM)(pretrained=model, tokenizer=tokenizer, add_bos_token=True,
+                                       batch_size=batch_size, max_length=context_length(model),
+                                       mixed_precision_dtype=torch.bfloat16 if bf16 else None)
     start = time.perf_counter()
     try:
         output = simple_evaluate(model=lm, tasks=list(dict.fromkeys(run_names.values())), num_fewshot=0,
@@ -294,6 +299,7 @@ def evaluate_tasks(
         "average": sdmprune_average({name: r["value"] for name, r in scored.items()}),
         "average_tasks": list(SDMPRUNE_TASKS),
         "source": "local" if selection.local else "hub",
+        "scorer": type(lm).__name__,
         "bos_token": tokenizer.bos_token,
         "limit": limit,
         "seconds": seconds,
@@ -311,7 +317,7 @@ def results_markdown(result: dict, title: str = "Zero-shot results") -> str:
                  " | | |")
     lines += [
         "",
-        "Zero-shot, lm-evaluation-harness, "
+        f"Zero-shot, lm-evaluation-harness, scored by {result.get('scorer', 'HFLM')}, "
         + (f"BOS `{result['bos_token']}` prepended" if result.get("bos_token") else "no BOS (the tokenizer has none)")
         + f"; task data: {result['source']}"
         + (f"; first {result['limit']} items per task" if result["limit"] else "") + ".",

@@ -69,7 +69,7 @@ class PerplexityOptions:
     seq_len: int = field(default=512, metadata=described("perplexity window length in tokens"))
     max_tokens: int = field(default=16384, metadata=described("use only the first N tokens of the text (0 = all)"))
     eval_batch_size: int = field(default=1, metadata=described(
-        "perplexity windows (or zero-shot requests) per forward pass"))
+        "perplexity windows (or distinct zero-shot contexts, each with all its answers) per forward pass"))
 
     def validate(self) -> None:
         if self.seq_len < 2:
