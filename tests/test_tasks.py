@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_model
+from conftest import VOCAB, byte_tokenizer, tiny_model
 
 from sdmprune.cli import main
 from sdmprune.errors import SdmpruneError
@@ -193,12 +193,16 @@ def _requests(seed: int, greedy_from=None) -> list:
     return requests
 
 
-@pytest.mark.parametrize("contexts_per_forward", [1, 3])
-def test_shared_context_scoring_equals_the_harness(arch, contexts_per_forward, one_thread):
+@pytest.mark.parametrize("contexts_per_forward,answer_positions", [(1, None), (3, None), (3, 6)])
+def test_shared_context_scoring_equals_the_harness(arch, contexts_per_forward, answer_positions, one_thread,
+                                                   monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
+    from sdmprune.evaluation import shared_context
     from sdmprune.evaluation.shared_context import SharedContextLM
 
+    if answer_positions:  # so small that groups are split and passes hold one or two groups
+        monkeypatch.setattr(shared_context, "LOGITS_BYTES", 12 * VOCAB * answer_positions)
     model, tokenizer = tiny_model(arch, max_position_embeddings=64), byte_tokenizer()
     requests = _requests(0, greedy_from=model)
     options = dict(pretrained=model, tokenizer=tokenizer, batch_size=contexts_per_forward, max_length=64)
@@ -211,7 +215,7 @@ def test_shared_context_scoring_equals_the_harness(arch, contexts_per_forward, o
 
 
 def test_contexts_are_grouped_once_and_truncated_as_the_harness_does():
-    from sdmprune.evaluation.shared_context import group_by_context
+    from sdmprune.evaluation.shared_context import batches, group_by_context
 
     requests = [(("a", "1"), [1, 2], [3]), (("b", "1"), [4], [5, 6]), (("a", "2"), [1, 2], [7, 8]),
                 (("c", "1"), [9, 9, 9, 9], [1, 2])]
@@ -219,4 +223,10 @@ def test_contexts_are_grouped_once_and_truncated_as_the_harness_does():
         ([9, 9, 9], [(3, [1, 2])]),  # 6 tokens > max_length + 1: the context loses its first token
         ([1, 2], [(0, [3]), (2, [7, 8])]),
         ([4], [(1, [5, 6])]),
+    ]
+    one, two, three = [(0, [1, 2]), (1, [3, 4]), (2, [5])], [(3, [6])], [(4, [7])]
+    assert batches([([1], one), ([2], two), ([3], three)], contexts=2, positions=4) == [
+        [([1], one[:2])],  # 2 rows × 2 tokens fill the 4 positions: the third answer goes on with its context
+        [([1], one[2:]), ([2], two)],
+        [([3], three)],  # two contexts per pass at most
     ]

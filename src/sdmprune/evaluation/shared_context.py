@@ -24,6 +24,7 @@ from ..runtime import cache_keyword
 Request = tuple[tuple[str, str], list[int], list[int]]
 # (context tokens, [(request index, continuation tokens), ...]): one context and the requests that share it.
 Group = tuple[list[int], list[tuple[int, list[int]]]]
+LOGITS_BYTES = 2**30  # memory for one continuation pass's logits (sets how many answer tokens run at once)
 
 
 def group_by_context(requests: Sequence[Request], max_length: int) -> list[Group]:
@@ -40,12 +41,38 @@ def group_by_context(requests: Sequence[Request], max_length: int) -> list[Group
     return sorted(((list(context), members) for context, members in groups.items()), key=lambda g: -len(g[0]))
 
 
+def batches(groups: Sequence[Group], contexts: int, positions: int) -> list[list[Group]]:
+    """Consecutive groups packed into forward passes of at most `contexts` contexts, whose continuation pass
+    (rows × longest continuation) holds at most `positions` positions; a group too large for one pass is
+    split into pieces that share its context (which then runs once per piece)."""
+    pieces = []
+    for context, members in groups:
+        piece: list[tuple[int, list[int]]] = []
+        for member in members:
+            if piece and (len(piece) + 1) * max(len(c) for _, c in [*piece, member]) > positions:
+                pieces.append((context, piece))
+                piece = []
+            piece.append(member)
+        pieces.append((context, piece))
+    packed: list[list[Group]] = []
+    rows, longest = 0, 0
+    for piece in pieces:
+        piece_rows, piece_longest = len(piece[1]), max(len(c) for _, c in piece[1])
+        if packed and len(packed[-1]) < contexts and (rows + piece_rows) * max(longest, piece_longest) <= positions:
+            packed[-1].append(piece)
+            rows, longest = rows + piece_rows, max(longest, piece_longest)
+        else:
+            packed.append([piece])
+            rows, longest = piece_rows, piece_longest
+    return packed
+
+
 class SharedContextLM(HFLM):
     """HFLM whose `loglikelihood` runs each distinct context once (see the module docstring).
 
     `batch_size` is the number of distinct contexts per forward pass (their continuations run together in
-    a second pass). Models with sliding-window layers run one context per pass: padding between a context
-    and its continuations would shift the window.
+    a second pass, whose logits are kept under `LOGITS_BYTES`). Models with sliding-window layers run one
+    context per pass: padding between a context and its continuations would shift the window.
     """
 
     def _contexts_per_forward(self, override: int | None) -> int:
@@ -60,13 +87,14 @@ class SharedContextLM(HFLM):
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
-        groups = group_by_context(requests, self.max_length)
-        per_forward = self._contexts_per_forward(override_bs)
+        # per answer position: the logits (bf16 or fp32), their fp32 copy, the log-sum-exp's temporary
+        answer_positions = max(1, LOGITS_BYTES // (12 * self.model.config.vocab_size))
+        chunks = batches(group_by_context(requests, self.max_length), self._contexts_per_forward(override_bs),
+                         answer_positions)
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                   desc="Scoring continuations (shared contexts)") as bar:
-            for start in range(0, len(groups), per_forward):
-                chunk = groups[start:start + per_forward]
+            for chunk in chunks:
                 for index, answer in self._score(chunk):
                     answers[index] = answer
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
@@ -75,7 +103,7 @@ class SharedContextLM(HFLM):
 
     @torch.inference_mode()
     def _score(self, chunk: list[Group]) -> list[tuple[int, tuple[float, bool]]]:
-        """Score the continuations of up to `per_forward` contexts: `[(request index, (log-prob, greedy))]`.
+        """Score one pass's context groups (see `batches`): `[(request index, (log-prob, greedy))]`.
 
         Pass 1 runs the B contexts (right-padded to P tokens) and keeps the logits at each context's last
         position, which predict every continuation's first token. Pass 2 runs the N continuations minus
@@ -108,7 +136,8 @@ class SharedContextLM(HFLM):
             targets[row, : len(continuation)] = torch.tensor(continuation, device=device)
         continuation_lengths = torch.tensor([len(continuation) for _, _, continuation in members], device=device)
         valid = torch.arange(steps, device=device) < continuation_lengths[:, None]  # (N, steps)
-        logits = first[owners, None]  # (N, 1, V)
+        token_logprobs, greedy = _score_tokens(first[owners], targets[:, 0])  # (N,) each
+        token_logprobs, greedy = token_logprobs[:, None], greedy[:, None]
         if steps > 1:
             cache = out[keyword]
             cache.batch_select_indices(owners)
@@ -117,10 +146,11 @@ class SharedContextLM(HFLM):
             positions = lengths[owners, None] + torch.arange(steps - 1, device=device)
             with self._autocast():
                 rest = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
-                                  use_cache=True, **{keyword: cache}).logits
-            logits = torch.cat([logits, rest.float()], dim=1)  # (N, steps, V)
-        token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        greedy = (logits.argmax(dim=-1) == targets) | ~valid
+                                  use_cache=True, **{keyword: cache}).logits  # (N, R, V)
+            rest_logprobs, rest_greedy = _score_tokens(rest.float(), targets[:, 1:])
+            token_logprobs = torch.cat([token_logprobs, rest_logprobs], dim=1)  # (N, steps)
+            greedy = torch.cat([greedy, rest_greedy], dim=1)
+        greedy |= ~valid
         totals = torch.where(valid, token_logprobs, 0.0).sum(dim=1)
         exact = greedy.all(dim=1).tolist()
         return [(index, (total, match))
@@ -129,3 +159,9 @@ class SharedContextLM(HFLM):
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                               enabled=self.mixed_precision_dtype is not None)
+
+
+def _score_tokens(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of `targets` (shape S) under fp32 `logits` (S + (V,)), and whether each is the argmax."""
+    logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logprobs, logits.argmax(dim=-1) == targets
