@@ -133,7 +133,10 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     calibration_tokens = config.calibration.calib_samples * config.calibration.calib_seq_len
     recovery_tokens = config.source.recover_tokens * config.recovery.epochs
     eval_tokens = config.evaluation.max_tokens * len(perplexity_sets(config.evaluation))
-    task_tokens = 40_000 * len(parse_task_names(config.tasks.tasks)) if config.tasks.tasks else 0  # at --limit 200
+    # SharedContextLM runs ~100 tokens per item (233,624 for the 12 local tasks' first 200 items with Qwen2.5's
+    # tokenizer); without --limit, ~1,000 items per task
+    task_items = (config.tasks.limit or 1000) * len(parse_task_names(config.tasks.tasks)) if config.tasks.tasks else 0
+    task_tokens = 100 * task_items
     reconstruct_passes = RECONSTRUCT_PASSES[config.reconstruction.reconstruct]
     recovering = config.source.recover_data != "none"
     cached = recovering and config.source.recover_teacher == "cached"
