@@ -48,11 +48,13 @@ def batches(groups: Sequence[Group], contexts: int, positions: int) -> list[list
     pieces = []
     for context, members in groups:
         piece: list[tuple[int, list[int]]] = []
+        longest = 0
         for member in members:
-            if piece and (len(piece) + 1) * max(len(c) for _, c in [*piece, member]) > positions:
+            if piece and (len(piece) + 1) * max(longest, len(member[1])) > positions:
                 pieces.append((context, piece))
-                piece = []
+                piece, longest = [], 0
             piece.append(member)
+            longest = max(longest, len(member[1]))
         pieces.append((context, piece))
     packed: list[list[Group]] = []
     rows, longest = 0, 0
@@ -94,24 +96,25 @@ class SharedContextLM(HFLM):
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                   desc="Scoring continuations (shared contexts)") as bar:
+            keyword = cache_keyword(self.model)
             for chunk in chunks:
-                for index, answer in self._score(chunk):
+                for index, answer in self._score(chunk, keyword):
                     answers[index] = answer
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
                 bar.update(sum(len(members) for _, members in chunk))
         return answers
 
     @torch.inference_mode()
-    def _score(self, chunk: list[Group]) -> list[tuple[int, tuple[float, bool]]]:
+    def _score(self, chunk: list[Group], keyword: str) -> list[tuple[int, tuple[float, bool]]]:
         """Score one pass's context groups (see `batches`): `[(request index, (log-prob, greedy))]`.
 
-        Pass 1 runs the B contexts (right-padded to P tokens) and keeps the logits at each context's last
+        `keyword` is the model's cache argument (`runtime.cache_keyword`). Pass 1 runs the B contexts
+        (right-padded to P tokens) and keeps the logits at each context's last
         position, which predict every continuation's first token. Pass 2 runs the N continuations minus
         their last token (right-padded to R) on the contexts' cached keys/values, each row attending to its
         own context only, at positions that continue it.
         """
         device, pad = self.device, 0  # any token: padding is masked and never scored
-        keyword = cache_keyword(self.model)
         lengths = torch.tensor([len(context) for context, _ in chunk], device=device)  # (B,)
         width = int(lengths.max())
         context_ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
