@@ -1,6 +1,6 @@
 """`sdmprune compress` from dense to recovered, per model and ratio: perplexity after every stage (dense → pruned →
-refit → recovered), recovery by cross-entropy vs by distillation on the same tokens, the paper's 10 zero-shot tasks,
-and the seconds and peak memory of every stage.
+refit → recovered), recovery by cross-entropy vs by distillation on the same tokens, the paper's 10 zero-shot tasks
+after every stage, and the seconds and peak memory of every stage.
 
     SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/compress.py                      # everything (hours)
     SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/compress.py --models smollm2-135m --no-tasks
@@ -9,9 +9,12 @@ Each run is the user's command, `sdmprune compress` in a fresh process (its own 
 variant: `none` (`--recover-data none`: the pruned-and-refitted model), `ce` (`--kd-beta 0`: cross-entropy on the
 recovery text) or `kd` (`--kd-beta 1`, the default: KL to the live dense teacher), the other options at compress's
 defaults (the recommended preset, 64 C4 calibration windows of 256 tokens, sequential refit, LoRA r 8, C4 recovery
-windows of 256 tokens) except `--recover-tokens`. Perplexity: WikiText-2 and C4 held-out text, first 8,192 tokens
-each, windows of 512, bf16 autocast, measured by compress after every stage. Zero-shot: `sdmprune eval --tasks
-sdmprune --limit 200` on each export, and all 12 local tasks (the 10, HellaSwag, LAMBADA) on the dense model.
+windows of 256 tokens) except `--recover-tokens`, and with `--export-stages`. Perplexity: WikiText-2 and C4
+held-out text, first 8,192 tokens each, windows of 512, bf16 autocast, measured by compress after every stage.
+Zero-shot: `sdmprune eval --tasks sdmprune --limit 200` on each recovered export and on the pruned and refitted
+models a run exported on the way (the same for every recovery of a model, ratio and seed; where no run of them has
+those exports, the `none` variant is run for them), and all 12 local tasks (the 10, HellaSwag, LAMBADA) on the
+dense model.
 Runs and evaluations already in the results file are skipped (an interrupted compress run is resumed), so the
 script can be run piecewise; models that are not installed are skipped with a note. Results:
 bench/results/compress.{json,md,png}.
@@ -34,11 +37,15 @@ from sdmprune.checkpoint import interrupted  # noqa: E402
 from sdmprune.errors import SdmpruneError  # noqa: E402
 from sdmprune.evaluation.tasks import SDMPRUNE_TASKS  # noqa: E402
 from sdmprune.models import PACKAGED_MODELS, packaged_gguf  # noqa: E402
+from sdmprune.recipes.compress import STAGE_MODELS  # noqa: E402
 from sdmprune.recipes.prune import FINISHED  # noqa: E402
 
 RECOVERIES = ("none", "ce", "kd")
 RECOVERY_ARGS = {"none": ["--recover-data", "none"], "ce": ["--kd-beta", "0"], "kd": ["--kd-beta", "1"]}
 LABELS = {"none": "refit", "ce": "recovered CE", "kd": "recovered KD"}
+# zero-shot evaluations of the stages before recovery: their label -> the stage model compress exports
+STAGE_TASKS = {"pruned": "pruned", "refit": "reconstructed"}
+TASK_TARGETS = (*STAGE_TASKS, "ce", "kd")
 STAGE_FIGURES = ("dense", "pruned", "reconstructed", "recovered")
 PPL_SETS = ("wikitext2", "c4")
 TASK_LIMIT = 200
@@ -57,8 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="calibration, recovery data and LoRA seed")
     parser.add_argument("--no-tasks", dest="tasks", action="store_false",
                         help="perplexity only (skip the zero-shot evaluations)")
-    parser.add_argument("--tasks-for", nargs="+", default=list(RECOVERIES), choices=RECOVERIES,
-                        help="the recovery variants whose exports get the zero-shot tasks (the dense model always)")
+    parser.add_argument("--tasks-for", nargs="+", default=list(TASK_TARGETS), choices=TASK_TARGETS,
+                        help="the models that get the zero-shot tasks: the stages before recovery (pruned, refit) "
+                        "and the recovered exports (ce, kd); the dense model always")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-compress"),
                         help="compress outputs and task evaluations (kept: a re-run resumes them)")
     parser.add_argument("--results", type=Path, default=RESULTS / "compress.json")
@@ -88,7 +96,7 @@ def sdmprune(argv: list[str]) -> float:
 def compress_argv(model: str, ratio: float, recovery: str, args: argparse.Namespace, output: Path) -> list[str]:
     return ["compress", "--model", model, "--ratio", str(ratio), "--seed", str(args.seed),
             "--recover-tokens", str(args.recover_tokens), *RECOVERY_ARGS[recovery],
-            "--ppl-data", ",".join(PPL_SETS), "--max-tokens", "8192", "--output", str(output)]
+            "--ppl-data", ",".join(PPL_SETS), "--max-tokens", "8192", "--export-stages", "--output", str(output)]
 
 
 def tasks_argv(model: str, output: Path, tasks: str) -> list[str]:
@@ -98,6 +106,10 @@ def tasks_argv(model: str, output: Path, tasks: str) -> list[str]:
 
 def run_key(model: str, ratio: float, recovery: str, seed: int, tokens: int) -> str:
     return f"{model}|{ratio}|{recovery}|{seed}|{0 if recovery == 'none' else tokens}"
+
+
+def stage_key(model: str, ratio: float, seed: int, stage: str) -> str:
+    return f"{model}|{ratio}|{seed}|{stage}"
 
 
 def compress_run(model: str, ratio: float, recovery: str, args: argparse.Namespace) -> dict:
@@ -117,6 +129,7 @@ def compress_run(model: str, ratio: float, recovery: str, args: argparse.Namespa
 
 
 def task_run(model: str, output: Path, tasks: str = "sdmprune") -> dict:
+    """`sdmprune eval` of MODEL (an alias or an export) on TASKS, written to OUTPUT; the figures."""
     argv = tasks_argv(model, output, tasks)
     seconds = sdmprune(argv)
     result = json.loads((output / "results.json").read_text())
@@ -154,11 +167,18 @@ def perplexity_table(results: dict, model: str) -> list[str]:
 
 
 def task_table(results: dict, model: str) -> list[str]:
+    """A column per evaluated model: dense, then per ratio and seed the pruned and refitted stages and the
+    recovered exports."""
     columns = [("dense", results["tasks"].get(f"{model}|dense"))]
-    for key, run in sorted(results["runs"].items()):
-        if run["model"] == model and key in results["tasks"]:
-            tokens = f", {run['recover_tokens'] // 1024}k tokens" if run["recovery"] != "none" else ""
-            columns.append((f"{run['ratio']:.0%} {LABELS[run['recovery']]}{tokens}", results["tasks"][key]))
+    groups = sorted({(run["ratio"], run["seed"]) for run in results["runs"].values() if run["model"] == model})
+    for ratio, seed in groups:
+        for stage in STAGE_TASKS:
+            if (key := stage_key(model, ratio, seed, stage)) in results["tasks"]:
+                columns.append((f"{ratio:.0%} {stage}", results["tasks"][key]))
+        for key, run in sorted(results["runs"].items()):
+            if (run["model"], run["ratio"], run["seed"]) == (model, ratio, seed) and key in results["tasks"]:
+                columns.append((f"{ratio:.0%} {LABELS[run['recovery']]}, {run['recover_tokens'] // 1024}k tokens",
+                                results["tasks"][key]))
     if columns[0][1] is None or len(columns) == 1:
         return ["(not evaluated yet)"]
     dense = columns[0][1]
@@ -301,6 +321,26 @@ def main(argv: list[str] | None = None) -> None:
                     results["tasks"][key] = task_run(str(output), output.with_name(output.name + "-tasks"))
                     remember(results["tasks"][key]["command"])
                     save()
+            stages = [stage for stage in STAGE_TASKS if args.tasks and stage in args.tasks_for
+                      and stage_key(model, ratio, args.seed, stage) not in results["tasks"]]
+            if not stages:
+                continue
+            group = [run for run in results["runs"].values()
+                     if (run["model"], run["ratio"], run["seed"]) == (model, ratio, args.seed)]
+            source = next((Path(run["output"]) / STAGE_MODELS for run in group
+                           if (Path(run["output"]) / STAGE_MODELS).is_dir()), None)
+            if source is None:  # the cheapest run that exports the stages
+                key = run_key(model, ratio, "none", args.seed, 0)
+                results["runs"][key] = compress_run(model, ratio, "none", args)
+                remember(results["runs"][key]["command"])
+                save()
+                source = Path(results["runs"][key]["output"]) / STAGE_MODELS
+            for stage in stages:
+                key = stage_key(model, ratio, args.seed, stage)
+                output = args.work_dir / f"{Path(model).name}-{ratio:g}-s{args.seed}-{stage}-tasks"
+                results["tasks"][key] = task_run(str(source / STAGE_TASKS[stage]), output)
+                remember(results["tasks"][key]["command"])
+                save()
     save()
 
 

@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB, tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdmprune.config import LoraOptions
 from sdmprune.errors import SdmpruneError
 from sdmprune.lora import attach_lora
 from sdmprune.masks import NeuronMasks
 from sdmprune.recipes import compress
+from sdmprune.recipes.steps import measure, perplexity_windows
 from sdmprune.reconstruct import ReconstructConfig, reconstruct
 from sdmprune.recovery.cached_teacher import CachedTeacher, cache_teacher
 from sdmprune.recovery.data import IGNORE_INDEX, collate, text_windows
@@ -102,6 +105,29 @@ def test_dry_run_plans_the_stages_the_run_executes(saved_model, text_file, tmp_p
     assert recovery["final_loss"] < recovery["first_loss"]  # the KL to the dense model went down
 
 
+def test_stage_exports_are_the_model_after_their_stage(saved_model, text_file, tmp_path):
+    settings = {**options(saved_model, text_file, tmp_path / "out"), "recover_data": "none", "tasks": None,
+                "export_stages": True}
+    record = compress.run(compress.CompressRun.of(**settings))
+    stages = tmp_path / "out" / compress.STAGE_MODELS
+    assert sorted(path.name for path in stages.iterdir()) == ["pruned", "reconstructed"]
+    final = load_file(tmp_path / "out" / "model.safetensors")
+    exported = {name: load_file(stages / name / "model.safetensors") for name in ("pruned", "reconstructed")}
+    assert exported["reconstructed"].keys() == final.keys()
+    assert all(torch.equal(exported["reconstructed"][k], final[k]) for k in final)  # nothing changed it after
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert exported["pruned"][down].shape == final[down].shape and not torch.equal(exported["pruned"][down],
+                                                                                   final[down])
+    config = compress.CompressRun.of(**settings)
+    for name, figure in record["evaluation"].items():
+        if name in exported:  # each export loads with plain transformers and has its stage's perplexity
+            model, tokenizer = (auto.from_pretrained(stages / name) for auto in (AutoModelForCausalLM, AutoTokenizer))
+            windows = perplexity_windows(config.evaluation, config.data, model, tokenizer)
+            measured = measure(model, tokenizer, windows, config.evaluation, bf16=False)
+            assert measured["ppl"] == pytest.approx(figure[str(text_file)]["ppl"], rel=1e-4)
+    assert record["evaluation"]["pruned"] != record["evaluation"]["reconstructed"]
+
+
 class Killed(Exception):
     pass
 
@@ -136,7 +162,7 @@ def kill_in(stage: str, monkeypatch) -> None:
                                             ("recover", "cached"), ("evaluate", "live"), ("export", "live")])
 def test_killed_in_any_stage_resumes_to_the_same_export(stage, teacher, saved_model, text_file, tmp_path,
                                                         monkeypatch):
-    settings = {"recover_teacher": teacher, "recover_top_k": 8}
+    settings = {"recover_teacher": teacher, "recover_top_k": 8, "export_stages": True}
     compress.run(compress.CompressRun.of(**options(saved_model, text_file, tmp_path / "straight"), **settings))
     killed = tmp_path / "killed"
     with monkeypatch.context() as patch:
@@ -146,7 +172,8 @@ def test_killed_in_any_stage_resumes_to_the_same_export(stage, teacher, saved_mo
     with pytest.raises(SdmpruneError, match="interrupted run"):
         compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed), **settings))
     compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed), resume=True, **settings))
-    for name in ("model.safetensors", "config.json"):
+    stage_models = [f"{compress.STAGE_MODELS}/{stage}/model.safetensors" for stage in ("pruned", "reconstructed")]
+    for name in ("model.safetensors", "config.json", *stage_models):
         assert (killed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     if teacher == "cached":
         stages = {s["stage"]: s for s in json.loads((killed / "pruning.json").read_text())["stages"]}

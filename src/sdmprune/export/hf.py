@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -149,6 +150,16 @@ def export_pruned(
         if extra is not None:
             extra(tmp)
     return output_dir
+
+
+def export_copy(model: PreTrainedModel, tokenizer, masks: NeuronMasks, output_dir: str | Path, *, report: dict,
+                padded: bool = False) -> Path:
+    """Export (see `export_pruned`) a sliced copy of the masked `model`, leaving `model` and `masks` as they are:
+    e.g. an intermediate stage of a run that goes on. Holds a second copy of the weights while it writes."""
+    copy = deepcopy(model)  # masks' hooks come along (they are plain functions); only the copy's weights are saved
+    copy_masks = NeuronMasks(copy, [keep.clone() for keep in masks.keep])
+    copy_masks.weight, copy_masks.bias = list(masks.weight), list(masks.bias)
+    return export_pruned(copy, tokenizer, copy_masks, output_dir, report=report, padded=padded)
 
 
 def model_card(record: dict) -> str:

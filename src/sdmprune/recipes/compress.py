@@ -27,7 +27,7 @@ from ..config import LoraOptions, RuntimeOptions, TrainingOptions
 from ..data import load_calibration
 from ..errors import SdmpruneError
 from ..evaluation.tasks import evaluate_tasks, parse_task_names, resolve_tasks
-from ..export import export_pruned
+from ..export import export_copy, export_pruned
 from ..lora import attach_lora
 from ..masks import NeuronMasks, count_parameters
 from ..options import described, to_dict, validate
@@ -44,6 +44,7 @@ from .prune import FINISHED
 from .steps import calibration_windows, load, measure, perplexity_windows, say
 
 STAGES = ("calibrate", "prune", "reconstruct", "recover", "evaluate", "export")
+STAGE_MODELS = "stage-models"  # --export-stages: OUTPUT/stage-models/{pruned,reconstructed}
 # down_proj stays without LoRA: its input is what the masks cut, and its weight may be a refit held by the masks
 COMPRESS_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"
 # Fractions of the matmul ceiling our passes reach, (fp32, bf16 autocast): fp32 inference ~0.8 (SmolLM2 forward 370
@@ -101,6 +102,10 @@ class CompressRun(PruningRunOptions):
     tasks: TaskOptions = field(default_factory=TaskOptions)
     # --ppl-data may name several texts here (comma-separated), each measured after every stage
     evaluation: PerplexityOptions = field(default_factory=lambda: PerplexityOptions(max_tokens=8192))
+    export_stages: bool = field(default=False, metadata=described(
+        "also export the model as it is after the prune and the reconstruct stages (sliced, loadable like the "
+        f"final export) into OUTPUT/{STAGE_MODELS}/pruned and .../reconstructed, e.g. to run the zero-shot tasks on "
+        "each stage; a second copy of the weights while each is written, not counted in the stage's figures"))
     dry_run: bool = field(default=False, metadata=described(
         "print the plan (stages, estimated time and memory) and stop"))
 
@@ -302,6 +307,13 @@ def run(config: CompressRun) -> dict:
             progress["done"].append(stage)
         state.save(settings, progress, {})
 
+    def export_stage(figure_name: str, masks: NeuronMasks, report: dict) -> None:
+        """--export-stages: the masked model as it is now, sliced into OUTPUT/stage-models/FIGURE_NAME."""
+        target = output / STAGE_MODELS / figure_name
+        if config.export_stages and not target.exists():  # a resumed run keeps what it exported
+            export_copy(model, tokenizer, masks, target, padded=config.export.padded,
+                        report={**report, "source_model": config.model.model, "stage": figure_name})
+
     def begin(index: int, stage: str) -> float:
         estimate = next(s["seconds"] for s in stages if s["stage"] == stage)
         say(f"[{index}/{len(stages)}] {stage}{' (done, restoring)' if stage in progress['done'] else ''} "
@@ -323,12 +335,14 @@ def run(config: CompressRun) -> dict:
                    state_dir=output / "stages" / "prune", resume=resume)
     masks = result.masks
     finish("prune", started, "pruned")
+    export_stage("pruned", masks, result.report)
 
     if "reconstruct" in names_in_plan:
         started = begin(names_in_plan.index("reconstruct") + 1, "reconstruct")
         reports["reconstruct"] = reconstruct(model, masks, calibration, config.reconstruction,
                                              micro_batch=pruning.micro_batch, bf16=bf16)
         finish("reconstruct", started, "reconstructed")
+        export_stage("reconstructed", masks, result.report)
 
     if data is not None:
         started = begin(names_in_plan.index("recover") + 1, "recover")
@@ -360,8 +374,15 @@ def run(config: CompressRun) -> dict:
     report = {**result.report, "source_model": config.model.model, "compress": to_dict(config),
               "stages": [{"stage": s, **reports.get(s, {})} for s in progress["done"]] + [{"stage": "export"}],
               "evaluation": figures, "plan": stages}
+
+    def extra(directory: Path) -> None:
+        if figures:
+            plot_stages(figures, directory / "stages.png")
+        if (output / STAGE_MODELS).exists():
+            (output / STAGE_MODELS).rename(directory / STAGE_MODELS)
+
     export_pruned(model, tokenizer, masks, output, report=report, overwrite=True, padded=config.export.padded,
-                  extra=lambda tmp: plot_stages(figures, tmp / "stages.png") if figures else None)
+                  extra=extra)
     gguf = config.export.gguf.write(output)
 
     achieved = report["achieved"]
