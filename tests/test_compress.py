@@ -132,9 +132,12 @@ class Killed(Exception):
     pass
 
 
-def kill_in(stage: str, monkeypatch) -> None:
+def kill_in(stage: str, teacher: str, monkeypatch) -> None:
     """Make the next run die inside `stage` (mid-way where the stage saves progress)."""
-    if stage == "prune":  # after the cold start's step was saved
+    if stage == "calibrate":  # the cached teacher's pass over the recovery data, or the dense perplexity
+        target = {"cached": "cache_teacher", "live": "measure"}[teacher]
+        monkeypatch.setattr(compress, target, lambda *a, **k: (_ for _ in ()).throw(Killed))
+    elif stage == "prune":  # after the cold start's step was saved
         original, calls = schedule.compute_scores, []
 
         def scores(*args, **kwargs):
@@ -158,15 +161,16 @@ def kill_in(stage: str, monkeypatch) -> None:
         monkeypatch.setattr(compress, target, lambda *a, **k: (_ for _ in ()).throw(Killed))
 
 
-@pytest.mark.parametrize("stage, teacher", [("prune", "live"), ("reconstruct", "live"), ("recover", "live"),
-                                            ("recover", "cached"), ("evaluate", "live"), ("export", "live")])
+@pytest.mark.parametrize("stage, teacher", [("calibrate", "live"), ("calibrate", "cached"), ("prune", "live"),
+                                            ("reconstruct", "live"), ("recover", "live"), ("recover", "cached"),
+                                            ("evaluate", "live"), ("export", "live")])
 def test_killed_in_any_stage_resumes_to_the_same_export(stage, teacher, saved_model, text_file, tmp_path,
                                                         monkeypatch):
     settings = {"recover_teacher": teacher, "recover_top_k": 8, "export_stages": True}
     compress.run(compress.CompressRun.of(**options(saved_model, text_file, tmp_path / "straight"), **settings))
     killed = tmp_path / "killed"
     with monkeypatch.context() as patch:
-        kill_in(stage, patch)
+        kill_in(stage, teacher, patch)
         with pytest.raises(Killed):
             compress.run(compress.CompressRun.of(**options(saved_model, text_file, killed), **settings))
     with pytest.raises(SdmpruneError, match="interrupted run"):

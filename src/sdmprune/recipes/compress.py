@@ -289,6 +289,7 @@ def run(config: CompressRun) -> dict:
     settings = {k: v for k, v in to_dict(config).items() if k not in ("output", "dry_run")}
     state = Checkpoint(output)  # the stages done and their figures; prune and recover keep their own states
     progress = state.load(settings)[0] if resume and state.exists() else {"done": [], "figures": {}, "reports": {}}
+    state.save(settings, progress, {})  # from here on a killed run is an interrupted one, to --resume
     figures, reports = progress["figures"], progress["reports"]
 
     memory = PeakMemory(next(model.parameters()).device)
