@@ -343,7 +343,7 @@ def run(config: CompressRun) -> dict:
         reports["reconstruct"] = reconstruct(model, masks, calibration, config.reconstruction,
                                              micro_batch=pruning.micro_batch, bf16=bf16)
         finish("reconstruct", started, "reconstructed")
-        export_stage("reconstructed", masks, result.report)
+        export_stage("reconstructed", masks, {**result.report, "reconstruction": reports["reconstruct"]})
 
     if data is not None:
         started = begin(names_in_plan.index("recover") + 1, "recover")
