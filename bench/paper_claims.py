@@ -85,7 +85,8 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
              f"{args.ratio:.0%} of total parameters removed, no refit, no recovery; perplexity on the first "
              f"{meta['evaluation']['max_tokens']:,} tokens of WikiText-2 test / C4 held-out (windows of "
              f"{meta['evaluation']['seq_len']}), calibration {meta['calibration']['samples']} C4 windows of "
-             f"{meta['calibration']['seq_len']} tokens per seed (the same windows for every variant), bf16 autocast. "
+             f"{meta['calibration']['seq_len']} tokens per seed (the same windows for every variant), "
+             f"{'bf16 autocast' if meta['bf16'] else 'fp32'}. "
              "Each cell: mean over seeds (the seeds' values); the paired difference is variant − the paper's "
              "setting on the same seed (mean ± std over seeds), with the evaluation noise of that difference "
              "(the standard error of the per-window NLL difference). Negative = the variant is better.", ""]

@@ -38,6 +38,7 @@ from sdmprune.evaluation.perplexity import tokenize_windows
 from sdmprune.io import atomic_file
 from sdmprune.nuteprune import nuteprune, plot_trajectory
 from sdmprune.reconstruct import ReconstructConfig, reconstruct
+from sdmprune.runtime import resolve_device, use_bf16
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perf_common import PeakMemory  # noqa: E402
@@ -110,10 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-tokens", type=int, default=8192, help="first N tokens of each evaluation text")
     parser.add_argument("--eval-seq-len", type=int, default=512, help="perplexity window length")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false",
-                        help="run scoring and evaluation in fp32 (default: bf16 autocast, 1.5x faster on CPU)")
+                        help="run scoring and evaluation in fp32 (default: bf16 autocast where the device has "
+                             "native bf16 matmuls, e.g. 1.5x faster on an AVX-512 CPU; fp32 elsewhere)")
     parser.add_argument("--results", type=Path, default=RESULTS / "quality.json")
     parser.add_argument("--force", action="store_true", help="re-run records already in the results file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.bf16 = use_bf16(resolve_device(), args.bf16)  # on a CPU without native bf16 the runs, and records, are fp32
+    return args
 
 
 def settings(args: argparse.Namespace) -> dict:

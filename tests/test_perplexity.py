@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from sdmprune import SdmpruneError, perplexity
+from sdmprune import SdmpruneError, perplexity, runtime
 from sdmprune.data import load_text
 from sdmprune.evaluation import tokenize_windows
 
@@ -31,12 +32,30 @@ def test_perplexity_equals_direct_computation(tokenizer):
     assert capped["windows"] == 2
 
 
-def test_bf16_autocast_is_close(tokenizer):
+def test_bf16_autocast_is_close(tokenizer, monkeypatch):
+    monkeypatch.setattr(runtime, "native_bf16", lambda device_type: True)  # autocast runs whatever this CPU has
     model = tiny_model("llama")
     text = "hello world, " * 20
     fp32 = perplexity(model, tokenizer, text, seq_len=64, progress=False)["ppl"]
     bf16 = perplexity(model, tokenizer, text, seq_len=64, bf16=True, progress=False)["ppl"]
-    assert bf16 == pytest.approx(fp32, rel=0.05)
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)
+
+
+def test_bf16_runs_in_fp32_without_native_bf16(tokenizer, monkeypatch):
+    monkeypatch.setattr(runtime, "native_bf16", lambda device_type: False)  # e.g. an AVX2-only CPU
+    runtime._warn_bf16_unavailable.cache_clear()
+    model = tiny_model("llama")
+    text = "hello world, " * 20
+    fp32 = perplexity(model, tokenizer, text, seq_len=64, progress=False)["ppl"]
+    with pytest.warns(UserWarning, match="no native bf16 matrix products .* running in fp32"):
+        bf16 = perplexity(model, tokenizer, text, seq_len=64, bf16=True, progress=False)["ppl"]
+    assert bf16 == fp32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        assert perplexity(model, tokenizer, text, seq_len=64, bf16=True, progress=False)["ppl"] == fp32
+    with pytest.warns(UserWarning, match="~100x slower than float32"):
+        assert runtime.resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    assert runtime.library_versions()["bf16_autocast"] == "unavailable (runs in fp32)"
 
 
 def test_window_errors(tokenizer):

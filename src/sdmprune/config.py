@@ -21,7 +21,8 @@ class RuntimeOptions:
     """runtime"""
 
     bf16: bool = field(default=False, metadata=described(
-        "bf16 autocast for every forward/backward pass (scoring, training, evaluation); faster on CPU and GPU"))
+        "bf16 autocast for every forward/backward pass (scoring, training, evaluation); faster on GPUs and on CPUs "
+        "with native bf16 (AVX-512, AMX, Arm bf16); where the CPU has none, the passes run in fp32 with a warning"))
     seed: int = field(default=0, metadata=described(
         "seed for every random choice (calibration windows, ties, gate noise, data order, LoRA init): same seed, "
         "same result"))

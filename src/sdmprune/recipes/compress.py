@@ -37,7 +37,7 @@ from ..recovery.cached_teacher import CachedTeacher, cache_teacher
 from ..recovery.data import load_instructions, text_windows, tokenize_dataset
 from ..recovery.finetune import RecoveryOptions, run_teacher, train
 from ..recovery.targets import Teacher, TeacherOutput
-from ..runtime import PeakMemory, context_length
+from ..runtime import PeakMemory, context_length, use_bf16
 from ..schedule import check_plan
 from .options import PerplexityOptions, PruningRunOptions, TaskOptions
 from .prune import FINISHED
@@ -131,10 +131,11 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     """The stages that will run, each with its estimated seconds and peak memory (GiB): pass FLOPs counted
     from the parameters and tokens, at the efficiencies above of the matmul speed measured now."""
     count, pruning = count_parameters(model), config.pruning
-    bf16 = pruning.runtime.bf16
+    device = next(model.parameters()).device
+    bf16 = use_bf16(device, pruning.runtime.bf16)  # what the passes will run in
     params, width = count.total, max(count.widths)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    ceiling = _matmul_gflops(bf16, next(model.parameters()).device) * 1e9
+    ceiling = _matmul_gflops(bf16, device) * 1e9
     calibration_tokens = config.calibration.calib_samples * config.calibration.calib_seq_len
     recovery_tokens = config.source.recover_tokens * config.recovery.epochs
     eval_tokens = config.evaluation.max_tokens * len(perplexity_sets(config.evaluation))
@@ -171,7 +172,6 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
         "evaluate": weight_bytes * 0.2,
         "export": weight_bytes,
     }
-    device = next(model.parameters()).device
     held = (PeakMemory(device).current_mib() or 0) * 2**20
     base = held if device.type == "cuda" else weight_bytes + held
     efficiency = FORWARD_EFFICIENCY[bf16], TRAINING_EFFICIENCY[bf16]
