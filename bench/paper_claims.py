@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--results", type=Path, default=None,
                         help="the quality results file holding the runs (default: that of --model)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def results_file(model: str) -> Path:
@@ -103,7 +105,9 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
                      [_difference(records, method, paper, args.ratio, name) for name in quality.EVAL_SETS])
             lines.append(f"| {LABELS[method]} (`{method}`) | {' | '.join(cells)} | {' | '.join(diffs)} |")
         lines.append("")
-    lines += ["Runs (records of `bench/quality.py`, commands as run):", "", "```bash",
+    lines += ["This page: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/paper_claims.py "
+              f"{' '.join(args.argv)}` (runs only the records missing from the results file).", "",
+              "Runs (records of `bench/quality.py`, commands as run):", "", "```bash",
               *results.get("commands", []), "```", ""]
     return "\n".join(lines)
 
