@@ -9,7 +9,8 @@ A subset, e.g. one method at one ratio:
     SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py --methods sdmprune --ratios 0.2 --seeds 0
 
 Every (method, ratio, seed) prunes with the C4 calibration windows of that seed (the same windows for
-every method), then measures WikiText-2 test and C4 held-out perplexity on fixed windows. Records
+every method; `--calib` another source, into another results file), then measures WikiText-2 test and C4
+held-out perplexity on fixed windows. Records
 accumulate in bench/results/quality.json; quality.md (mean ± sample std over seeds, and paired
 differences against the best baseline) and quality.png are rebuilt from it after every run.
 
@@ -34,6 +35,7 @@ import torch
 
 from sdmprune import load_model, perplexity, prune
 from sdmprune.data import load_calibration, load_text
+from sdmprune.data.calibration import load_documents
 from sdmprune.evaluation.perplexity import tokenize_windows
 from sdmprune.io import atomic_file
 from sdmprune.nuteprune import nuteprune, plot_trajectory
@@ -106,7 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="reconstructions measured besides none on the masks of each method in REFITTED (none: "
                              "pass no value)")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib-samples", type=int, default=32, help="C4 calibration windows per run")
+    parser.add_argument("--calib", default="c4",
+                        help="calibration text (default c4; any --calib source of `sdmprune prune`, e.g. a directory "
+                             "of source files to calibrate a code model on code; another source needs another "
+                             "--results file)")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows per run")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="first N tokens of each evaluation text")
     parser.add_argument("--eval-seq-len", type=int, default=512, help="perplexity window length")
@@ -124,7 +130,8 @@ def settings(args: argparse.Namespace) -> dict:
     """What every record of one results file shares; a run with other settings needs another file."""
     return {
         "model": args.model,
-        "calibration": {"source": "c4 (../shared/data/c4/c4_en_train00000_first1000.jsonl)",
+        "calibration": {"source": "c4 (../shared/data/c4/c4_en_train00000_first1000.jsonl)" if args.calib == "c4"
+                        else str(Path(args.calib).expanduser().resolve()),
                         "samples": args.calib_samples, "seq_len": args.calib_seq_len,
                         "tokens": args.calib_samples * args.calib_seq_len},
         "evaluation": {"seq_len": args.eval_seq_len, "max_tokens": args.eval_tokens,
@@ -189,7 +196,7 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
     settings = dict(METHODS[method])
     learned = settings.pop("method", None) == "nuteprune"
     config = {**settings, "ratio": ratio, "seed": seed, "bf16": args.bf16}
-    calibration, summary = load_calibration("c4", tokenizer, n_samples=NUTEPRUNE_WINDOWS if learned else
+    calibration, summary = load_calibration(args.calib, tokenizer, n_samples=NUTEPRUNE_WINDOWS if learned else
                                             args.calib_samples, seq_len=args.calib_seq_len, seed=seed, model=model)
     start = time.perf_counter()
     with PeakUse() as memory:
@@ -474,6 +481,8 @@ def write_reports(results: dict, json_path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = load_results(args.results, settings(args))
+    if args.calib != "self":
+        load_documents(args.calib)  # a wrong source fails now, not after the dense evaluation
     command = "SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py " + " ".join(argv or sys.argv[1:])
     if command.strip() not in results.setdefault("commands", []):
         results["commands"].append(command.strip())

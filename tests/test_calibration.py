@@ -43,10 +43,13 @@ def test_same_seed_same_windows(corpus, tokenizer):
 def test_directory_and_text_files(tmp_path, tokenizer):
     (tmp_path / "one.txt").write_text("x" * 50)
     (tmp_path / "two.jsonl").write_text(json.dumps({"text": "y" * 50}) + "\n")
+    (tmp_path / "three.py").write_text("w" * 50)  # source code counts: calibrate a code model on code
     (tmp_path / "skip.csv").write_text("z" * 50)
-    ids, summary = load_calibration(str(tmp_path), tokenizer, n_samples=30, seq_len=10, seed=0)
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "deeper.txt").write_text("v" * 50)  # only the files directly inside
+    ids, summary = load_calibration(str(tmp_path), tokenizer, n_samples=60, seq_len=10, seed=0)
     letters = {tokenizer.decode(row)[0] for row in ids}
-    assert letters == {"x", "y"} and summary["documents"] == 2
+    assert letters == {"x", "y", "w"} and summary["documents"] == 3
 
 
 def test_too_little_data_says_how_much_was_found(corpus, tokenizer):

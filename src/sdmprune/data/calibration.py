@@ -3,7 +3,9 @@
 Sources (`spec`):
 - a `.jsonl` file: one document per line (`text` field);
 - any other file (`.txt`, `.raw`, ...): the whole file is one document;
-- a directory: the `.txt`/`.jsonl` files directly inside it, in sorted order, read as above;
+- a directory: the text and source-code files directly inside it (`DIRECTORY_SUFFIXES`: `.txt`, `.jsonl`,
+  `.md`, `.py`, `.c`, ...), in sorted order, read as above (each file but a `.jsonl` one is one document);
+  e.g. a package's sources to calibrate a code model on code;
 - `c4` / `wikitext2`: the calibration split of a named dataset (see `text.CALIBRATION_DATASETS`);
   c4 documents are separate, wikitext2 is one document;
 - `self`: data-free, sequences sampled from `model`.
@@ -28,6 +30,11 @@ from .text import CALIBRATION_DATASETS, dataset_documents, read_jsonl
 
 SELF_SOURCE = "self"
 SELF_BATCH = 16  # sequences generated together; fixed, so the random stream (and the ids) depend on `seed` only
+DIRECTORY_SUFFIXES = frozenset((  # what a directory source reads: text, then source code
+    ".txt", ".jsonl", ".md", ".rst",
+    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".java", ".kt", ".scala", ".go", ".rs", ".js", ".ts",
+    ".tsx", ".rb", ".php", ".cs", ".swift", ".lua", ".sh", ".sql", ".r", ".jl",
+))
 
 
 def _file_documents(path: Path) -> list[str]:
@@ -45,7 +52,8 @@ def load_documents(spec: str, data_directory: str | Path | None = None) -> list[
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            files = sorted(file for file in path.iterdir() if file.is_file() and file.suffix in (".txt", ".jsonl"))
+            files = sorted(file for file in path.iterdir()
+                           if file.is_file() and file.suffix.lower() in DIRECTORY_SUFFIXES)
             documents = [document for file in files for document in _file_documents(file)]
         elif path.is_file():
             documents = _file_documents(path)
@@ -54,10 +62,11 @@ def load_documents(spec: str, data_directory: str | Path | None = None) -> list[
         else:
             names = ", ".join([SELF_SOURCE, *CALIBRATION_DATASETS])
             raise SdmpruneError(f"unknown calibration data '{spec}': use one of {names}, a .txt/.jsonl file "
-                                "or a directory of them")
+                                "or a directory of text or source files")
     documents = [document for document in documents if document.strip()]
     if not documents:
-        raise SdmpruneError(f"calibration data '{spec}' has no text: give .txt/.jsonl files with text in them")
+        raise SdmpruneError(f"calibration data '{spec}' has no text: give .txt/.jsonl (or, in a directory, "
+                            "source) files with text in them")
     return documents
 
 

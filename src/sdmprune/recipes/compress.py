@@ -64,9 +64,9 @@ class RecoverySource:
     """recovery data and teacher"""
 
     recover_data: str = field(default="c4", metadata=described(
-        "text to distil on (c4, wikitext2, a .txt file, a .jsonl file with a text field, a directory of them, or "
-        "self: windows of --max-len tokens, no labels needed), an Alpaca instruction .json file (prompt masked), "
-        "or 'none' to skip the stage"))
+        "text to distil on (c4, wikitext2, a .txt file, a .jsonl file with a text field, a directory of text or "
+        "source files, or self: windows of --max-len tokens, no labels needed), an Alpaca instruction .json file "
+        "(prompt masked), or 'none' to skip the stage"))
     recover_tokens: int = field(default=16384, metadata=described(
         "tokens of recovery data per epoch (windows of --max-len; instruction data: the first examples up to it)"))
 

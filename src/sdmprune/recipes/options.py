@@ -42,8 +42,8 @@ class CalibrationOptions:
     """calibration (the windows criteria score on, or NutePrune trains on)"""
 
     calib: str = field(default="c4", metadata=described(
-        "a .txt/.jsonl file or directory, a dataset name (c4, wikitext2), or 'self' (text sampled from the "
-        "model itself)"))
+        "a .txt/.jsonl file, a directory of text or source-code files (e.g. a package's sources, for a code model), "
+        "a dataset name (c4, wikitext2), or 'self' (text sampled from the model itself)"))
     calib_samples: int = field(default=64, metadata=described("number of calibration windows"))
     calib_seq_len: int = field(default=256, metadata=described("tokens per calibration window"))
     calib_temperature: float = field(default=1.0, metadata=described("--calib self: sampling temperature"))
