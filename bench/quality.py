@@ -88,7 +88,13 @@ METHODS: dict[str, dict] = {
 }
 # Reconstruction after the masks (`--reconstruct`, sdmprune.reconstruct with its default settings): record
 # "<method>+<refit>" holds the same masks as record "<method>" with the kept down_proj weights refitted.
-REFITS = ("one-shot", "sequential")
+# refit name -> its reconstruction; the first two fix the damping (the records before the held-out choice existed)
+REFITS = {
+    "one-shot": ReconstructConfig("one-shot", refit_holdout=0),
+    "sequential": ReconstructConfig("sequential", refit_holdout=0),
+    "one-shot-holdout": ReconstructConfig("one-shot"),  # the damping chosen per layer on held-out windows (default)
+    "sequential-holdout": ReconstructConfig("sequential"),
+}
 REFITTED = ("wanda-sp", "flap", "sdmprune", "sdmprune-activation-wanda", "sdmprune-activation-wanda-global",
             "nuteprune")
 REFIT_MICRO_BATCH = 4
@@ -104,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4],
                         help="fractions of total parameters removed")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration (and method) seeds")
-    parser.add_argument("--refits", nargs="*", default=list(REFITS), choices=REFITS,
+    parser.add_argument("--refits", nargs="*", default=list(REFITS), choices=list(REFITS),
                         help="reconstructions measured besides none on the masks of each method in REFITTED (none: "
                              "pass no value)")
     parser.add_argument("--model", default="smollm2-135m")
@@ -232,14 +238,14 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
         start = time.perf_counter()
         with PeakUse() as refit_memory:
             # nuteprune (its 500 training windows): the refit on the first windows, as many as the scoring methods'
-            report = reconstruct(model, masks, calibration[:args.calib_samples], ReconstructConfig(refit),
+            report = reconstruct(model, masks, calibration[:args.calib_samples], REFITS[refit],
                                  heads=result.heads if learned else None, micro_batch=REFIT_MICRO_BATCH,
                                  bf16=args.bf16)
         layers = report["layers"]
         records[name] = {**common, "method": name, "config": {**config, "reconstruct": refit},
                          "refit": {"seconds": round(time.perf_counter() - start, 1), "memory": refit_memory.record,
-                                   "settings": {k: report[k] for k in ("damping", "intercept", "normalised", "drift")
-                                                if k in report},
+                                   "settings": {k: report[k] for k in ("damping", "refit_holdout", "intercept",
+                                                                        "normalised", "drift") if k in report},
                                    "mean_error_before": statistics.fmean(r["error_before"] for r in layers
                                                                          if "error_before" in r),
                                    "mean_error_after": statistics.fmean(r["error_after"] for r in layers
@@ -340,9 +346,11 @@ def markdown(results: dict) -> str:
         "and MLP neurons (widths and head counts differ per layer) with LoRA merged, trained on its own "
         f"{NUTEPRUNE_WINDOWS} windows of the seed (see the cost table). `-global`: FLAP's non-uniform widths "
         "(standardised scores ranked across layers). `+one-shot` / `+sequential`: the same masks with the kept "
-        "down_proj weights (and for nuteprune o_proj's) refitted by `--reconstruct` (its default damping, token "
+        "down_proj weights (and for nuteprune o_proj's) refitted by `--reconstruct` (damping 1e-4, its default token "
         "weights and drift; on the seed's calibration windows, for nuteprune the first of its training windows, "
-        "as many), replacing flap's compensation bias.",
+        "as many), replacing flap's compensation bias; `+one-shot-holdout` / `+sequential-holdout`: the same with "
+        "the default `--refit-holdout 0.125`: each layer's damping (1e-4, 3e-3 or 0.1, or no refit) chosen on the "
+        "last eighth of the windows, then solved on all of them.",
         "",
         "Commands: " + "; ".join(f"`{command}`" for command in results.get(
             "commands", ["SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py"])),

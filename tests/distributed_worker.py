@@ -112,7 +112,7 @@ def reconstruct_case(output: Path) -> None:
         finally:
             module.refit = solve
         tensors.update({f"weight.{i}": w for i, w in enumerate(masks.weight)})
-        tensors.update({f"bias.{i}": b for i, b in enumerate(masks.bias)})
+        tensors.update({f"bias.{i}": b for i, b in enumerate(masks.bias) if b is not None})  # None: layer kept as is
         if is_main():
             (output / "reconstruct").mkdir(parents=True, exist_ok=True)
             save_file(tensors, output / "reconstruct" / f"{mode}.safetensors")

@@ -59,7 +59,7 @@ def two_processes(tmp_path_factory):
     tiny_model("llama", max_position_embeddings=256).save_pretrained(dense)
     byte_tokenizer().save_pretrained(dense)
     assert main(["prune", "--model", str(dense), "--ratio", "0.2", "--criterion", "magnitude", "--ppl-data", "none",
-                 "--output", str(pruned)]) == 0
+                 "--reconstruct", "none", "--output", str(pruned)]) == 0
     data.write_text(json.dumps(EXAMPLES))
     process = torchrun("distributed_worker.py", str(root / "multi"), str(pruned), str(data))
     assert process.returncode == 0, process.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_two_processes_reconstruct_like_one(two_processes):
     worker.reconstruct_case(single)
     for mode in worker.RECONSTRUCT_MODES:
         one, two = (load_file(d / "reconstruct" / f"{mode}.safetensors") for d in (single, multi))
-        assert one.keys() == two.keys() and len(one) == 6
+        assert one.keys() == two.keys() and {f"weight.{i}" for i in range(2)} <= one.keys()  # a Gram per solve
         for name in one:
             tolerance = dict(rtol=1e-12, atol=0.0) if name.startswith("gram.") else dict(rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(two[name], one[name], **tolerance, msg=f"{mode}: {name}")

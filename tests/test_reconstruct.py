@@ -15,7 +15,14 @@ from sdmprune import SdmpruneError, export_pruned
 from sdmprune.cli import main
 from sdmprune.distributed import shard_windows
 from sdmprune.masks import HeadMasks, NeuronMasks
-from sdmprune.reconstruct import ReconstructConfig, RefitStatistics, reconstruct, refit, ridge_solve
+from sdmprune.reconstruct import (
+    ReconstructConfig,
+    RefitStatistics,
+    choose_damping,
+    reconstruct,
+    refit,
+    ridge_solve,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
@@ -59,44 +66,51 @@ def dense_activations(model, masks: NeuronMasks) -> list[tuple[torch.Tensor, tor
     return [tuple(torch.cat(part).flatten(0, -2).double() for part in parts) for parts in captured]
 
 
+def ridge_expectation(u: torch.Tensor, following: torch.Tensor, kept: torch.Tensor, weight: torch.Tensor,
+                      damping: float, intercept: bool, normalised: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-shot refit (H, k) and intercept (H,) of down_proj `weight` (H, I) from captured dense activations,
+    as plain least squares: the weighted rows augmented with sqrt(λ)·I, whose targets are sqrt(λ)·W[:, S]ᵀ."""
+    target = u @ weight.T  # (tokens, H): the dense layer's output
+    weights = 1 / following.pow(2).mean(1) if normalised else torch.ones(u.shape[0], dtype=torch.float64)
+    regressors, centred = u[:, kept], target
+    if intercept:  # weighted centring: the intercept is not damped
+        regressors = regressors - weights @ regressors / weights.sum()
+        centred = target - weights @ target / weights.sum()
+    root = weights.sqrt()[:, None]
+    lam = damping * (weights @ regressors.pow(2)).mean()  # damping × mean diagonal of the (weighted) Gram
+    a = torch.cat([root * regressors, lam.sqrt() * torch.eye(kept.numel(), dtype=torch.float64)])
+    b = torch.cat([root * centred, lam.sqrt() * weight[:, kept].T])
+    expected = torch.linalg.lstsq(a, b).solution.T  # (H, k)
+    return expected, weights @ (target - u[:, kept] @ expected.T) / weights.sum()
+
+
 @pytest.mark.parametrize("damping", [0.0, 1e-2])
 @pytest.mark.parametrize("intercept", [False, True])
 @pytest.mark.parametrize("normalised", [False, True])
 def test_one_shot_refit_is_ridge_least_squares_on_captured_activations(damping, intercept, normalised):
     model = tiny_model("llama")
     masks = random_masks(model)
-    config = ReconstructConfig("one-shot", damping, intercept, normalised=normalised)
+    config = ReconstructConfig("one-shot", damping, intercept, normalised=normalised, refit_holdout=0)
     report = reconstruct(model, masks, CALIBRATION, config, micro_batch=4)
     assert report["tokens"] == CALIBRATION.numel() and len(report["layers"]) == 2
     for layer, (u, following) in enumerate(dense_activations(model, masks)):
         down = model.model.layers[layer].mlp.down_proj
         kept = torch.nonzero(masks.keep[layer]).flatten()
-        target = u @ down.weight.double().T  # (tokens, H): the dense layer's output
-        weights = 1 / following.pow(2).mean(1) if normalised else torch.ones(u.shape[0], dtype=torch.float64)
-        regressors, centred = u[:, kept], target
-        if intercept:  # weighted centring: the intercept is not damped
-            regressors = regressors - weights @ regressors / weights.sum()
-            centred = target - weights @ target / weights.sum()
-        root = weights.sqrt()[:, None]
-        lam = damping * (weights @ regressors.pow(2)).mean()  # damping × mean diagonal of the (weighted) Gram
-        # ridge as plain least squares on the weighted rows augmented with sqrt(λ)·I
-        a = torch.cat([root * regressors, lam.sqrt() * torch.eye(kept.numel(), dtype=torch.float64)])
-        b = torch.cat([root * centred, torch.zeros(kept.numel(), target.shape[1], dtype=torch.float64)])
-        expected = torch.linalg.lstsq(a, b).solution.T  # (H, k)
+        expected, bias = ridge_expectation(u, following, kept, down.weight.double(), damping, intercept, normalised)
         refitted = masks.weight[layer]
         assert refitted.dtype == down.weight.dtype and refitted.shape == down.weight.shape
         assert not refitted[:, ~masks.keep[layer]].any()
         torch.testing.assert_close(refitted[:, kept].double(), expected, rtol=1e-5, atol=1e-6)
         if intercept:
-            bias = weights @ (target - u[:, kept] @ expected.T) / weights.sum()
             torch.testing.assert_close(masks.bias[layer].double(), bias, rtol=1e-5, atol=1e-6)
         else:
             assert masks.bias[layer] is None
         row = report["layers"][layer]
         assert row["error_after"] < row["error_before"] and row["jitter"] == 0.0
+        assert "damping" not in row  # no holdout: the damping as given
 
 
-def test_nothing_removed_gives_back_w_up_to_the_damping():
+def test_nothing_removed_gives_back_w_for_any_damping():
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(512, 16, generator=generator, dtype=torch.float64)  # a well-conditioned (16, 16) Gram
     weight = torch.randn(8, 16, generator=generator, dtype=torch.float64)
@@ -105,10 +119,62 @@ def test_nothing_removed_gives_back_w_up_to_the_damping():
     exact, bias, _ = refit(stats, 0.0, intercept=False)
     torch.testing.assert_close(exact, weight, rtol=1e-10, atol=1e-10)
     assert bias is None and stats.relative_error(exact, None) < 1e-12  # the expanded sums cancel to fp64 rounding
-    for damping in (1e-3, 1e-2):  # ridge shrinks W by at most λ / (λ + smallest eigenvalue)
-        damped, bias, _ = refit(stats, damping, intercept=True)
-        assert (damped - weight).norm() / weight.norm() < 2 * damping
-        assert bias.abs().max() < 2 * damping
+    for damping in (1e-3, 1.0, 1e3):  # the ridge pulls towards the kept weights, here the exact solution
+        damped, bias, _ = refit(stats, damping, intercept=True, prior=weight)
+        torch.testing.assert_close(damped, weight, rtol=1e-9, atol=1e-9)
+        assert bias.abs().max() < 1e-9
+    shrunk, _, _ = refit(stats, 1e3, intercept=False)  # without a prior: towards zero
+    assert shrunk.norm() < 0.01 * weight.norm()
+
+
+def _statistics(inputs: torch.Tensor, targets: torch.Tensor) -> RefitStatistics:
+    stats = RefitStatistics.zeros(inputs.shape[1], targets.shape[1], torch.device("cpu"))
+    stats.add(inputs, targets)
+    return stats
+
+
+def test_the_holdout_keeps_the_weights_where_a_refit_would_fit_noise_and_refits_where_it_generalises():
+    generator = torch.Generator().manual_seed(0)
+    kept, hidden = 32, 4
+    weight = torch.randn(hidden, kept, generator=generator, dtype=torch.float64)  # the kept weights, as they are
+
+    def tokens(n: int, truth: torch.Tensor, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+        u = torch.randn(n, kept, generator=generator, dtype=torch.float64)
+        return u, u @ truth.T + noise * torch.randn(n, hidden, generator=generator, dtype=torch.float64)
+
+    dampings = [1e-4, 3e-3, 1e-1]
+    # the kept weights are right and the targets noisy: 34 tokens for 32 weights per row fit the noise
+    fit, held = _statistics(*tokens(34, weight, 1.0)), _statistics(*tokens(256, weight, 1.0))
+    chosen, errors = choose_damping(fit, held, dampings, False, weight, None)
+    assert chosen is None and list(errors) == ["none", "0.0001", "0.003", "0.1"]
+    assert errors["none"] == min(errors.values()) and errors["0.0001"] > 1.5 * errors["none"]
+    # the kept weights are off and there are plenty of tokens: the refit generalises, the lightest damping wins
+    truth = weight + torch.randn(hidden, kept, generator=generator, dtype=torch.float64)
+    fit, held = _statistics(*tokens(2048, truth, 0.1)), _statistics(*tokens(256, truth, 0.1))
+    chosen, errors = choose_damping(fit, held, dampings, False, weight, None)
+    assert chosen == 1e-4 and errors["0.0001"] < 0.1 * errors["none"]
+
+
+@pytest.mark.parametrize("mode", ["one-shot", "sequential"])
+def test_the_held_out_windows_choose_the_damping_then_every_window_fits(mode):
+    model = tiny_model("llama")
+    masks = random_masks(model)
+    config = ReconstructConfig(mode, refit_holdout=0.34)  # 2 of the 6 windows held out
+    report = reconstruct(model, masks, CALIBRATION, config, micro_batch=4)
+    assert report["refit_holdout"] == 0.34
+    for layer, row in enumerate(report["layers"]):
+        errors = row["held_out_errors"]
+        assert list(errors) == ["none", "0.0001", "0.003", "0.1"]
+        best = min(errors, key=errors.__getitem__)
+        assert row["damping"] == (None if best == "none" else float(best))
+        if mode == "one-shot" and row["damping"] is not None:  # solved again on all six windows
+            u, following = dense_activations(model, masks)[layer]
+            kept = torch.nonzero(masks.keep[layer]).flatten()
+            expected, _ = ridge_expectation(u, following, kept, model.model.layers[layer].mlp.down_proj.weight.double(),
+                                            row["damping"], False, True)
+            torch.testing.assert_close(masks.weight[layer][:, kept].double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SdmpruneError, match="holds out all 6 calibration windows"):
+        reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode, refit_holdout=0.95))
 
 
 def test_a_whole_layer_is_left_alone():
@@ -142,7 +208,7 @@ def test_sequential_equals_one_shot_when_one_layer_is_pruned(drift):
     for mode in ("one-shot", "sequential"):
         model = tiny_model("llama")
         masks = random_masks(model, layers=(1,))
-        config = ReconstructConfig(mode, 1e-2, intercept=True, drift=drift)
+        config = ReconstructConfig(mode, 1e-2, intercept=True, drift=drift, refit_holdout=0)
         report = reconstruct(model, masks, CALIBRATION, config, micro_batch=2)
         weights[mode] = (masks.weight[1], masks.bias[1], report["layers"][1]["error_after"])
     if drift == 0:  # the same computation
@@ -191,7 +257,8 @@ def test_masks_off_is_exactly_the_dense_model_after_reconstruction(mode):
     dense = logits(model)
     masks = random_masks(model)
     plain = logits(model)
-    reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode, intercept=True), bf16=mode == "sequential")
+    reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode, intercept=True, refit_holdout=0),
+                bf16=mode == "sequential")
     refitted = logits(model)
     assert not torch.equal(refitted, plain) and not torch.equal(refitted, dense)
     with masks.disabled():
@@ -216,7 +283,7 @@ def test_exported_model_computes_the_refitted_one(arch, mode, tokenizer, tmp_pat
 def test_exported_llama_carries_the_intercept(tokenizer, tmp_path):
     model = tiny_model("llama")
     masks = random_masks(model)
-    reconstruct(model, masks, CALIBRATION, ReconstructConfig("sequential", intercept=True))
+    reconstruct(model, masks, CALIBRATION, ReconstructConfig("sequential", intercept=True, refit_holdout=0))
     expected = logits(model)
     out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=REPORT)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -295,7 +362,7 @@ def test_exported_model_without_attention_groups_computes_the_refitted_one(arch,
     masks = random_masks(model)
     heads = HeadMasks(model, [torch.tensor([False, True]), torch.tensor([True, False])])
     plain = logits(model)
-    reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode), heads=heads)
+    reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode, refit_holdout=0), heads=heads)
     expected = logits(model)
     assert not torch.equal(expected, plain)
     with masks.disabled(), heads.disabled():

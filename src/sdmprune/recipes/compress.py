@@ -166,7 +166,8 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     extra = {
         "calibrate": 3 * eval_logits,
         "prune": weight_bytes * (2 if getattr(pruning.criterion, "importance", "") == "weight" else 1) + 3 * logits,
-        "reconstruct": weight_bytes + 8 * width**2,  # one layer's fp64 Gram at a time
+        # one layer's fp64 Gram at a time, two with held-out windows
+        "reconstruct": weight_bytes + 8 * width**2 * (1 + (config.reconstruction.refit_holdout > 0)),
         # fp32 logits of a window live in ~16 copies (student, teacher, softmaxes, gradients)
         "recover": weight_bytes * 0.3 + 16 * logits * config.recovery.batch_size,
         "evaluate": weight_bytes * 0.2,
