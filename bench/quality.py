@@ -23,6 +23,7 @@ before it (Linux VmHWM, reset just before the call; CUDA: peak allocated).
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import json
 import math
@@ -249,7 +250,11 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
                                    "mean_error_before": statistics.fmean(r["error_before"] for r in layers
                                                                          if "error_before" in r),
                                    "mean_error_after": statistics.fmean(r["error_after"] for r in layers
-                                                                        if "error_after" in r)},
+                                                                        if "error_after" in r),
+                                   # with a holdout: how many layers chose each damping ("none": no refit)
+                                   "dampings": dict(collections.Counter(
+                                       "none" if r["damping"] is None else f"{r['damping']:g}"
+                                       for r in layers if "damping" in r))},
                          "ppl": evaluate(model, tokenizer, windows, args.bf16)}
     return records
 

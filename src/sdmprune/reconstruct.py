@@ -21,7 +21,7 @@ damping × HOLDOUT_SCALES, and the one with the lowest error on the held-out tok
 where none beats them there, is kept; a damping is then solved again on all the tokens.
 
 - `one-shot`: u from the dense model, T = W u, the layer's own output: C = W G[:, S], so
-  W' = W G[:, S] (G[S, S] + λI)⁻¹, the dense layer's best k-neuron approximation on dense inputs.
+  W' = (W G[:, S] + λ W[:, S]) (G[S, S] + λI)⁻¹, the dense layer's best k-neuron approximation on dense inputs.
 - `sequential` (SparseGPT-style): the calibration hidden states are carried layer by layer through the
   already pruned-and-refitted layers (a pruned stream) beside the dense model's (a dense stream); u comes from
   the pruned stream and T = (1 − β)·W u + β·(h_dense(l+1) − a_pruned(l)), β = `drift`: at 0 the dense layer's
