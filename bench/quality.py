@@ -87,13 +87,13 @@ METHODS: dict[str, dict] = {
     "sdmprune-t1": {**FAITHFUL, "temperature": 1.0},
     "nuteprune-mlp": {"method": "nuteprune", "train_steps": 500, "head_gates": False},
 }
-# Reconstruction after the masks (`--reconstruct`, sdmprune.reconstruct with its default settings): record
-# "<method>+<refit>" holds the same masks as record "<method>" with the kept down_proj weights refitted.
-# refit name -> its reconstruction; the first two fix the damping (the records before the held-out choice existed)
+# Reconstruction after the masks (`--reconstruct`, sdmprune.reconstruct): record "<method>+<refit>" holds the same
+# masks as record "<method>" with the kept down_proj weights refitted. Refit name -> its settings: the first two fix
+# the damping (the records made before the held-out choice existed), the last two are the package's default.
 REFITS = {
     "one-shot": ReconstructConfig("one-shot", refit_holdout=0),
     "sequential": ReconstructConfig("sequential", refit_holdout=0),
-    "one-shot-holdout": ReconstructConfig("one-shot"),  # the damping chosen per layer on held-out windows (default)
+    "one-shot-holdout": ReconstructConfig("one-shot"),  # the damping chosen per layer on held-out windows
     "sequential-holdout": ReconstructConfig("sequential"),
 }
 REFITTED = ("wanda-sp", "flap", "sdmprune", "sdmprune-activation-wanda", "sdmprune-activation-wanda-global",

@@ -196,12 +196,13 @@ def choose_damping(fit: RefitStatistics, held: RefitStatistics, dampings: list[f
     """The damping among `dampings` whose refit of `fit` (towards the kept weights `weight` (H, k)) has the lowest
     relative error on the `held` tokens, or None where the plain masked layer (`weight`, `bias`) does at least as
     well there; and every candidate's held-out error ("none" for the plain layer)."""
-    errors = {"none": held.relative_error(weight, bias)}
-    for damping in dampings:
-        fitted, fitted_bias, _ = refit(fit, damping, intercept, weight)
-        errors[f"{damping:g}"] = held.relative_error(fitted, fitted_bias)
+    candidates = {"none": None, **{f"{damping:g}": damping for damping in dampings}}
+    errors = {}
+    for name, damping in candidates.items():
+        fitted, fitted_bias = (weight, bias) if damping is None else refit(fit, damping, intercept, weight)[:2]
+        errors[name] = held.relative_error(fitted, fitted_bias)
     best = min(errors, key=errors.__getitem__)  # ties: the first, the plain layer
-    return (None if best == "none" else dampings[list(errors).index(best) - 1]), errors
+    return candidates[best], errors
 
 
 # ----------------------------------------------------------------------------- the layer-by-layer pass
@@ -353,13 +354,13 @@ class _LinearRefit:
         if self.drift > 0:
             goal = (1 - self.drift) * goal + self.drift * (following - before_mlp)
         u = u[:, self.kept]
-        if weights is None:
-            weights = torch.ones(u.shape[0], dtype=u.dtype, device=u.device)
         if held is None:
             self.stats.add(u, goal, weights)
-        else:
-            self.stats.add(u[~held], goal[~held], weights[~held])
-            self.held.add(u[held], goal[held], weights[held])
+            return
+        if weights is None:
+            weights = torch.ones(u.shape[0], dtype=u.dtype, device=u.device)
+        self.stats.add(u[~held], goal[~held], weights[~held])
+        self.held.add(u[held], goal[held], weights[held])
 
     def solve(self, damping: float) -> dict:
         """All-reduce the sums, choose the damping on the held-out tokens if any, solve on all of them, hold the
