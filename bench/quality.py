@@ -245,8 +245,9 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
         layers = report["layers"]
         records[name] = {**common, "method": name, "config": {**config, "reconstruct": refit},
                          "refit": {"seconds": round(time.perf_counter() - start, 1), "memory": refit_memory.record,
-                                   "settings": {k: report[k] for k in ("damping", "refit_holdout", "intercept",
-                                                                        "normalised", "drift") if k in report},
+                                   "settings": {k: report[k] for k in ("damping", "refit_holdout", "dampings_tried",
+                                                                        "intercept", "normalised", "drift")
+                                                if k in report},
                                    "mean_error_before": statistics.fmean(r["error_before"] for r in layers
                                                                          if "error_before" in r),
                                    "mean_error_after": statistics.fmean(r["error_after"] for r in layers
@@ -354,8 +355,9 @@ def markdown(results: dict) -> str:
         "down_proj weights (and for nuteprune o_proj's) refitted by `--reconstruct` (damping 1e-4, its default token "
         "weights and drift; on the seed's calibration windows, for nuteprune the first of its training windows, "
         "as many), replacing flap's compensation bias; `+one-shot-holdout` / `+sequential-holdout`: the same with "
-        "the default `--refit-holdout 0.125`: each layer's damping (1e-4, 3e-3 or 0.1, or no refit) chosen on the "
-        "last eighth of the windows, then solved on all of them.",
+        "the default `--refit-holdout 0.125`: each layer's damping (1e-4, 3e-3, 0.1 or 3, or no refit) chosen on the "
+        "last eighth of the windows, then solved on all of them (records whose settings lack `dampings_tried` were "
+        "made before 3 was a candidate).",
         "",
         "Commands: " + "; ".join(f"`{command}`" for command in results.get(
             "commands", ["SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py"])),

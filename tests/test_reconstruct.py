@@ -142,11 +142,11 @@ def test_the_holdout_keeps_the_weights_where_a_refit_would_fit_noise_and_refits_
         u = torch.randn(n, kept, generator=generator, dtype=torch.float64)
         return u, u @ truth.T + noise * torch.randn(n, hidden, generator=generator, dtype=torch.float64)
 
-    dampings = [1e-4, 3e-3, 1e-1]
+    dampings = [1e-4, 3e-3, 1e-1, 3.0]
     # the kept weights are right and the targets noisy: 34 tokens for 32 weights per row fit the noise
     fit, held = _statistics(*tokens(34, weight, 1.0)), _statistics(*tokens(256, weight, 1.0))
     chosen, errors = choose_damping(fit, held, dampings, False, weight, None)
-    assert chosen is None and list(errors) == ["none", "0.0001", "0.003", "0.1"]
+    assert chosen is None and list(errors) == ["none", "0.0001", "0.003", "0.1", "3"]
     assert errors["none"] == min(errors.values()) and errors["0.0001"] > 1.5 * errors["none"]
     # the kept weights are off and there are plenty of tokens: the refit generalises, the lightest damping wins
     truth = weight + torch.randn(hidden, kept, generator=generator, dtype=torch.float64)
@@ -161,10 +161,10 @@ def test_the_held_out_windows_choose_the_damping_then_every_window_fits(mode):
     masks = random_masks(model)
     config = ReconstructConfig(mode, refit_holdout=0.34)  # 2 of the 6 windows held out
     report = reconstruct(model, masks, CALIBRATION, config, micro_batch=4)
-    assert report["refit_holdout"] == 0.34
+    assert report["refit_holdout"] == 0.34 and report["dampings_tried"] == [1e-4, 3e-3, 0.1, 3.0]
     for layer, row in enumerate(report["layers"]):
         errors = row["held_out_errors"]
-        assert list(errors) == ["none", "0.0001", "0.003", "0.1"]
+        assert list(errors) == ["none", "0.0001", "0.003", "0.1", "3"]
         best = min(errors, key=errors.__getitem__)
         assert row["damping"] == (None if best == "none" else float(best))
         if mode == "one-shot" and row["damping"] is not None:  # solved again on all six windows

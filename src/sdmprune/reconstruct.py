@@ -71,7 +71,7 @@ from .runtime import autocast_context
 MODES = ("none", "one-shot", "sequential")
 DEFAULT_DRIFT = 0.25  # the best of 0 ... 1 in bench/results/reconstruct_check.md
 JITTERS = (0.0, *(10.0**e for e in range(-12, -1)))  # added to λ, × mean diagonal, when Cholesky fails
-HOLDOUT_SCALES = (1.0, 30.0, 1000.0)  # the dampings tried on held-out tokens: --damping times these
+HOLDOUT_SCALES = (1.0, 30.0, 1000.0, 30000.0)  # the dampings tried on held-out tokens: --damping times these
 
 
 @dataclass
@@ -97,8 +97,8 @@ class ReconstructConfig:
         "relative to the scale the next RMSNorm divides out"))
     refit_holdout: float = field(default=0.125, metadata=described(
         "fraction of the calibration windows (the last ones) held out to choose each layer's damping among "
-        "--damping x 1, 30, 1000 or no refit at all, whichever has the lowest error on them (then solved again on "
-        "every window); 0: --damping as given, no check"))
+        "--damping x 1, 30, 1000, 30000 or no refit at all, whichever has the lowest error on them (then solved "
+        "again on every window); 0: --damping as given, no check"))
 
     def validate(self) -> None:
         if self.reconstruct not in MODES:
@@ -189,6 +189,11 @@ def refit(stats: RefitStatistics, damping: float, intercept: bool,
     weight, jitter = ridge_solve(stats.gram - n * torch.outer(mean_u, mean_u),
                                  stats.cross - n * torch.outer(mean_t, mean_u), damping, prior)
     return weight, mean_t - weight @ mean_u, jitter
+
+
+def holdout_dampings(damping: float) -> list[float]:
+    """The dampings a layer's refit tries on the held-out tokens, ascending."""
+    return sorted({damping * scale for scale in HOLDOUT_SCALES})
 
 
 def choose_damping(fit: RefitStatistics, held: RefitStatistics, dampings: list[float], intercept: bool,
@@ -372,8 +377,8 @@ class _LinearRefit:
         row = {}
         whole = self.stats
         if self.held is not None:
-            dampings = sorted({damping * scale for scale in HOLDOUT_SCALES})
-            damping, errors = choose_damping(self.stats, self.held, dampings, self.intercept, kept_weight, old_bias)
+            damping, errors = choose_damping(self.stats, self.held, holdout_dampings(damping), self.intercept,
+                                             kept_weight, old_bias)
             row = {"damping": damping, "held_out_errors": errors}
             whole = self.stats + self.held
         before = whole.relative_error(kept_weight, old_bias)
@@ -422,7 +427,7 @@ def reconstruct(
     same for o_proj); `sequential` adds `hidden_error`, the mean over tokens of ‖h_pruned − h_dense‖² / ‖h_dense‖²
     of the hidden states after the layer; with `refit_holdout`, `damping` (the one chosen; None: the plain masked
     weights kept) and `held_out_errors` (each candidate's relative error on the held-out tokens, "none" the plain
-    layer's).
+    layer's), and `dampings_tried` at the top.
     """
     config = config or ReconstructConfig()
     config.validate()
@@ -431,6 +436,8 @@ def reconstruct(
         return report
     report.update(damping=config.damping, refit_holdout=config.refit_holdout, intercept=config.intercept,
                   normalised=config.normalised)
+    if config.refit_holdout > 0:
+        report["dampings_tried"] = holdout_dampings(config.damping)
     if is_sharded(model):
         raise SdmpruneError("reconstruction of an FSDP-sharded model is not supported yet: run it without --fsdp")
     architecture = masks.architecture
