@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--results", type=Path, default=None,
                         help="the quality results file holding the runs (default: that of --model)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="run in fp32 (as bench/quality.py; the results file's records must share the precision)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -116,9 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     path = args.results or results_file(args.model)
     methods = list(dict.fromkeys(m for claim in args.claims for m in (CLAIMS[claim][1], *CLAIMS[claim][2])))
+    precision = [] if args.bf16 else ["--no-bf16"]
     quality.main(["--model", args.model, "--results", str(path), "--methods", *methods, "--refits",
-                  "--ratios", str(args.ratio), "--seeds", *map(str, args.seeds)])
-    results = quality.load_results(path, quality.settings(quality.parse_args(["--model", args.model])))
+                  "--ratios", str(args.ratio), "--seeds", *map(str, args.seeds), *precision])
+    results = quality.load_results(path, quality.settings(quality.parse_args(["--model", args.model, *precision])))
     suffix = "" if args.model == "qwen2.5-coder-0.5b" else f"-{Path(args.model).name}"
     page = path.parent / f"paper_claims{suffix}.md"
     page.write_text(markdown(results, args))
