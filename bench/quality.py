@@ -119,6 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="calibration text (default c4; any --calib source of `sdmprune prune`, e.g. a directory "
                              "of source files to calibrate a code model on code; another source needs another "
                              "--results file)")
+    parser.add_argument("--eval-code", type=Path, default=None,
+                        help="also measure perplexity on the source files directly inside this directory, joined "
+                             "in name order (e.g. a package the --calib directory does not hold: a code model's own "
+                             "domain); changes the settings, so another --results file")
     parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows per run")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="first N tokens of each evaluation text")
@@ -143,10 +147,17 @@ def settings(args: argparse.Namespace) -> dict:
                         "tokens": args.calib_samples * args.calib_seq_len},
         "evaluation": {"seq_len": args.eval_seq_len, "max_tokens": args.eval_tokens,
                        "sets": {"wikitext2": "wikitext2_raw/wiki.test.raw",
-                                "c4": "c4/c4_en_sample300_llamafactory.jsonl"}},
+                                "c4": "c4/c4_en_sample300_llamafactory.jsonl",
+                                **({"code": str(args.eval_code.expanduser().resolve())} if args.eval_code else {})}},
         "bf16": args.bf16,
         "torch": torch.__version__,
     }
+
+
+def eval_sets(meta: dict) -> dict[str, str]:
+    """The evaluation sets of a results file's settings: name -> title."""
+    code = meta["evaluation"]["sets"].get("code")
+    return {**EVAL_SETS, **({"code": f"Code ({Path(code).name}/*)"} if code else {})}
 
 
 def load_results(path: Path, expected: dict) -> dict:
@@ -280,7 +291,7 @@ def summarise(records: dict) -> dict:
     for key, group in groups.items():
         group.sort(key=lambda r: r["seed"])
         summary[key] = {}
-        for name in EVAL_SETS:
+        for name in group[0]["ppl"]:
             values = [r["ppl"][name]["ppl"] for r in group]
             summary[key][name] = {
                 "mean": statistics.fmean(values),
@@ -332,14 +343,16 @@ def markdown(results: dict) -> str:
     ratios = sorted({ratio for _, ratio in summary})
     methods = [m for m in method_names() if any((m, r) in summary for r in ratios)]
     dense = results.get("dense", {})
-    calib, evaluation = meta["calibration"], meta["evaluation"]
+    calib, evaluation, sets = meta["calibration"], meta["evaluation"], eval_sets(meta)
+    code = evaluation["sets"].get("code")
     lines = [
         f"# Quality benchmark: {meta['model']}, MLP neurons pruned, no recovery",
         "",
         f"Calibration: {calib['samples']} windows × {calib['seq_len']} tokens ({calib['tokens']:,} tokens) from "
         f"{calib['source']}, drawn per seed; every method sees the same windows for a seed. Evaluation: first "
         f"{evaluation['max_tokens']:,} tokens of each set, non-overlapping windows of {evaluation['seq_len']}. "
-        f"bf16 autocast: {meta['bf16']}. Cells: mean ± sample std of PPL over seeds (n = seeds); "
+        + (f"Code: the source files directly inside {code}, joined in name order. " if code else "")
+        + f"bf16 autocast: {meta['bf16']}. Cells: mean ± sample std of PPL over seeds (n = seeds); "
         "`ev±` is the evaluation noise (relative PPL error from the spread across windows).",
         "",
         "Rows: `random` … `flap` are the baselines as their authors score neurons (flap with its bias "
@@ -364,8 +377,8 @@ def markdown(results: dict) -> str:
         "",
     ]
     if dense:
-        lines += ["Dense: " + ", ".join(f"{EVAL_SETS[n]} {dense[n]['ppl']:.2f}" for n in EVAL_SETS), ""]
-    for name, title in EVAL_SETS.items():
+        lines += ["Dense: " + ", ".join(f"{title} {dense[n]['ppl']:.2f}" for n, title in sets.items()), ""]
+    for name, title in sets.items():
         lines += [f"## {title} perplexity", "", "| method | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
         for method in methods:
@@ -466,8 +479,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = summarise(results["records"])
-    figure, axes = plt.subplots(1, len(EVAL_SETS), figsize=(12, 4.5))
-    for axis, (name, title) in zip(axes, EVAL_SETS.items(), strict=True):
+    sets = eval_sets(results["settings"])
+    figure, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5))
+    for axis, (name, title) in zip(axes, sets.items(), strict=True):
         for method in method_names():
             points = sorted((ratio, cell[name]) for (m, ratio), cell in summary.items() if m == method)
             if not points or method == "random" or method.startswith("magnitude"):
@@ -498,12 +512,15 @@ def main(argv: list[str] | None = None) -> None:
     results = load_results(args.results, settings(args))
     if args.calib != "self":
         load_documents(args.calib)  # a wrong source fails now, not after the dense evaluation
+    texts = {name: load_text(name) for name in EVAL_SETS}
+    if args.eval_code:
+        texts["code"] = "\n\n".join(load_documents(str(args.eval_code)))
     command = "SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py " + " ".join(argv or sys.argv[1:])
     if command.strip() not in results.setdefault("commands", []):
         results["commands"].append(command.strip())
     model, tokenizer = load_model(args.model)
-    windows = {name: tokenize_windows(tokenizer, load_text(name), args.eval_seq_len, args.eval_tokens, model)
-               for name in EVAL_SETS}
+    windows = {name: tokenize_windows(tokenizer, text, args.eval_seq_len, args.eval_tokens, model)
+               for name, text in texts.items()}
     if "dense" not in results or args.force:
         results["dense"] = evaluate(model, tokenizer, windows, args.bf16)
     del model
