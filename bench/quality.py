@@ -95,6 +95,7 @@ REFITS = {
     "sequential": ReconstructConfig("sequential", refit_holdout=0),
     "one-shot-holdout": ReconstructConfig("one-shot"),  # the damping chosen per layer on held-out windows
     "sequential-holdout": ReconstructConfig("sequential"),
+    "sequential-holdout4": ReconstructConfig("sequential", refit_candidates=4),  # a fourth, larger damping (3)
 }
 REFITTED = ("wanda-sp", "flap", "sdmprune", "sdmprune-activation-wanda", "sdmprune-activation-wanda-global",
             "nuteprune")
@@ -368,9 +369,9 @@ def markdown(results: dict) -> str:
         "down_proj weights (and for nuteprune o_proj's) refitted by `--reconstruct` (damping 1e-4, its default token "
         "weights and drift; on the seed's calibration windows, for nuteprune the first of its training windows, "
         "as many), replacing flap's compensation bias; `+one-shot-holdout` / `+sequential-holdout`: the same with "
-        "the default `--refit-holdout 0.125`: each layer's damping (1e-4, 3e-3, 0.1 or 3, or no refit) chosen on the "
-        "last eighth of the windows, then solved on all of them (records whose settings lack `dampings_tried` were "
-        "made before 3 was a candidate).",
+        "the default `--refit-holdout 0.125`: each layer's damping (1e-4, 3e-3 or 0.1, or no refit) chosen on the "
+        "last eighth of the windows, then solved on all of them; `+sequential-holdout4`: 3 as a fourth candidate "
+        "(`--refit-candidates 4`).",
         "",
         "Commands: " + "; ".join(f"`{command}`" for command in results.get(
             "commands", ["SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py"])),
