@@ -442,8 +442,9 @@ def reconstruct(
         return report
     report.update(damping=config.damping, refit_holdout=config.refit_holdout, intercept=config.intercept,
                   normalised=config.normalised)
+    candidates = holdout_dampings(config.damping, config.refit_candidates)
     if config.refit_holdout > 0:
-        report["dampings_tried"] = holdout_dampings(config.damping, config.refit_candidates)
+        report["dampings_tried"] = candidates
     if is_sharded(model):
         raise SdmpruneError("reconstruction of an FSDP-sharded model is not supported yet: run it without --fsdp")
     architecture = masks.architecture
@@ -507,7 +508,7 @@ def reconstruct(
                             before_mlp = _run_layer(layer, pruned[i], kwargs[i], model, bf16)
                         each.add(weights[i], following[i].flatten(0, -2).double(), before_mlp.flatten(0, -2).double(),
                                  held[i])
-                solved = each.solve(config.damping, holdout_dampings(config.damping, config.refit_candidates))
+                solved = each.solve(config.damping, candidates)
                 if each.masks is heads:
                     row["attention"] = {"kept_groups": int(heads.keep[index].sum()), **solved}
                 else:
