@@ -16,14 +16,18 @@ parameters: the official α, T are 0.4, 0.2 there), over the same seeds:
 
 The runs are records of `bench/quality.py` (the method variants are in its METHODS; same calibration, evaluation
 and memory accounting; no refit, since the claims are about choosing what to remove), kept in that model's quality
-results file so that runs shared with the quality tables are not repeated. The page, with each variant's
-perplexity per seed and its paired difference against the paper's setting, goes to
-bench/results/paper_claims[-MODEL].md.
+results file (or --results) so that runs shared with the quality tables are not repeated. The page, with each
+variant's perplexity per seed and its paired difference against the paper's setting, goes to
+bench/results/paper_claims[-MODEL].md, rebuilt each time from every results file of the model (its quality file and
+the `-fp32` one): a claim is read from the file holding most of its runs, so claims run in fp32 and others under
+bf16 autocast share one page, each section naming its precision. The page's commands are kept in
+paper_claims[-MODEL].json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -82,36 +86,58 @@ def _difference(records: dict, method: str, baseline: str, ratio: float, name: s
     return f"{diff['mean']:+.1f}{spread} (n {diff['n']}, eval noise ±{100 * diff['eval_rel_err']:.1f}%)"
 
 
-def markdown(results: dict, args: argparse.Namespace) -> str:
-    records, meta = results["records"], results["settings"]
+def claim_sources(files: dict[Path, dict], ratio: float) -> dict[str, Path]:
+    """Each claim with records -> the results file holding most of its runs (the paper's setting and at least one
+    variant at `ratio`); a claim may have been run in fp32 and another under bf16 autocast, each in its own file."""
+    summaries = {path: quality.summarise(results["records"]) for path, results in files.items()}
+    sources = {}
+    for claim, (_, paper, variants) in CLAIMS.items():
+        runs = {path: sum((method, ratio) in summary for method in (paper, *variants))
+                for path, summary in summaries.items() if (paper, ratio) in summary}
+        best = max(runs, key=runs.get, default=None)
+        if best is not None and runs[best] >= 2:
+            sources[claim] = best
+    return sources
+
+
+def claim_section(claim: str, results: dict, path: Path, ratio: float) -> list[str]:
+    question, paper, variants = CLAIMS[claim]
+    records, meta, dense = results["records"], results["settings"], results.get("dense", {})
     summary = quality.summarise(records)
+    source = f"Records: `{path.name}` ({'bf16 autocast' if meta['bf16'] else 'fp32'}"
+    if dense:
+        source += f"; dense {dense['wikitext2']['ppl']:.2f} / {dense['c4']['ppl']:.2f}"
+    lines = [f"## {question}", "", source + ").", "",
+             "| variant | WikiText-2 | C4 | paired Δ WikiText-2 | paired Δ C4 |", "|---|---|---|---|---|"]
+    for method in (paper, *variants):
+        cells = [_cell(summary, method, ratio, name) for name in quality.EVAL_SETS]
+        diffs = (["(reference)"] * 2 if method == paper else
+                 [_difference(records, method, paper, ratio, name) for name in quality.EVAL_SETS])
+        lines.append(f"| {LABELS[method]} (`{method}`) | {' | '.join(cells)} | {' | '.join(diffs)} |")
+    return [*lines, ""]
+
+
+def markdown(files: dict[Path, dict], page_commands: list[str], ratio: float) -> str:
+    sources = claim_sources(files, ratio)
+    meta = files[next(iter(sources.values()))]["settings"] if sources else next(iter(files.values()))["settings"]
     lines = [f"# The SDMPrune paper's claims on {meta['model']}", "",
-             f"{args.ratio:.0%} of total parameters removed, no refit, no recovery; perplexity on the first "
+             f"{ratio:.0%} of total parameters removed, no refit, no recovery; perplexity on the first "
              f"{meta['evaluation']['max_tokens']:,} tokens of WikiText-2 test / C4 held-out (windows of "
              f"{meta['evaluation']['seq_len']}), calibration {meta['calibration']['samples']} C4 windows of "
-             f"{meta['calibration']['seq_len']} tokens per seed (the same windows for every variant), "
-             f"{'bf16 autocast' if meta['bf16'] else 'fp32'}. "
+             f"{meta['calibration']['seq_len']} tokens per seed (the same windows for every variant). "
+             "Each claim's runs share one results file, so one precision (named in its section). "
              "Each cell: mean over seeds (the seeds' values); the paired difference is variant − the paper's "
              "setting on the same seed (mean ± std over seeds), with the evaluation noise of that difference "
              "(the standard error of the per-window NLL difference). Negative = the variant is better.", ""]
-    dense = results.get("dense", {})
-    if dense:
-        lines += [f"Dense: WikiText-2 {dense['wikitext2']['ppl']:.2f}, C4 {dense['c4']['ppl']:.2f}.", ""]
-    for claim in args.claims:
-        question, paper, variants = CLAIMS[claim]
-        lines += [f"## {question}", "", "| variant | WikiText-2 | C4 | paired Δ WikiText-2 | paired Δ C4 |",
-                  "|---|---|---|---|---|"]
-        for method in (paper, *variants):
-            cells = [_cell(summary, method, args.ratio, name) for name in quality.EVAL_SETS]
-            diffs = (["(reference)"] * 2 if method == paper else
-                     [_difference(records, method, paper, args.ratio, name) for name in quality.EVAL_SETS])
-            lines.append(f"| {LABELS[method]} (`{method}`) | {' | '.join(cells)} | {' | '.join(diffs)} |")
-        lines.append("")
-    lines += ["This page: `SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/paper_claims.py "
-              f"{' '.join(args.argv)}` (runs only the records missing from the results file).", "",
-              "Runs (records of `bench/quality.py`, commands as run):", "", "```bash",
-              *results.get("commands", []), "```", ""]
-    return "\n".join(lines)
+    for claim, path in sources.items():
+        lines += claim_section(claim, files[path], path, ratio)
+    lines += ["This page (each command runs only the records missing from its results file, then rewrites the "
+              "page from every results file of the model):", "", "```bash", *page_commands, "```", "",
+              "Runs (records of `bench/quality.py`, commands as run, those with a claim's variants):", "", "```bash"]
+    claim_methods = {m for claim in sources for m in CLAIMS[claim][2]}
+    for path in dict.fromkeys(sources.values()):
+        lines += [c for c in files[path].get("commands", []) if claim_methods & set(c.split())]
+    return "\n".join([*lines, "```", ""])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,11 +147,20 @@ def main(argv: list[str] | None = None) -> None:
     precision = [] if args.bf16 else ["--no-bf16"]
     quality.main(["--model", args.model, "--results", str(path), "--methods", *methods, "--refits",
                   "--ratios", str(args.ratio), "--seeds", *map(str, args.seeds), *precision])
-    results = quality.load_results(path, quality.settings(quality.parse_args(["--model", args.model, *precision])))
+    default = results_file(args.model)
+    candidates = [default, default.with_name(f"{default.stem}-fp32.json"), path]
+    files = {p: json.loads(p.read_text()) for p in dict.fromkeys(candidates) if p.is_file()}
     suffix = "" if args.model == "qwen2.5-coder-0.5b" else f"-{Path(args.model).name}"
     page = path.parent / f"paper_claims{suffix}.md"
-    page.write_text(markdown(results, args))
-    print(f"wrote {page}")
+    log = page.with_suffix(".json")
+    commands = json.loads(log.read_text())["commands"] if log.is_file() else []
+    command = f"SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/paper_claims.py {' '.join(args.argv)}"
+    commands = list(dict.fromkeys([*commands, command.strip()]))
+    sources = claim_sources(files, args.ratio)
+    quality.save_json(log, {"commands": commands, "sources": {claim: p.name for claim, p in sources.items()}})
+    with quality.atomic_file(page) as tmp:
+        tmp.write_text(markdown(files, commands, args.ratio))
+    print(f"wrote {page} and {log.name}")
 
 
 if __name__ == "__main__":
