@@ -27,6 +27,8 @@ from pathlib import Path
 from perf_common import RESULTS, footer, machine, pyplot, write_results
 
 PRECISIONS = {"bf16": "--bf16", "fp32": "--no-bf16"}
+STAGE_LABELS = {"cold-start": "cold start", "prune": "distillation pass", "refit": "refit",
+                "other": "load, calibration, export"}
 NAME = "perf_scale"
 
 
@@ -89,17 +91,18 @@ def plot(results: dict, path: Path) -> None:
     plt = pyplot()
     runs = list(results["runs"].values())
     names = sorted({stage for run in runs for stage in run["stages"]} - {"refit"}) + ["refit", "other"]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * len(runs)))
+    fig, ax = plt.subplots(figsize=(7, 1.8 + 0.6 * len(runs)))
     for row, run in enumerate(runs):
         left = 0.0
-        for name in names:
+        for index, name in enumerate(names):
             width = run["other_seconds"] if name == "other" else run["stages"].get(name, 0.0)
-            ax.barh(row, width / 60, left=left, color=f"C{names.index(name)}", label=name if row == 0 else None)
+            label = STAGE_LABELS.get(name, name) if row == 0 else None
+            ax.barh(row, width / 60, left=left, color=f"C{index}", label=label)
             left += width / 60
     ax.set_yticks(range(len(runs)), [f"{run['model']} {run['precision']}" for run in runs])
     ax.set_xlabel("minutes")
     ax.set_title("whole pruning run, by stage")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.35))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
