@@ -57,6 +57,7 @@ METHODS: dict[str, dict] = {
     "wanda-sp": {"criterion": "wanda-sp"},
     "taylor": {"criterion": "taylor"},
     "flap": {"criterion": "flap"},  # with its bias compensation
+    "flap-global": {"criterion": "flap", "allocation": "global"},  # FLAP as its authors run it: non-uniform widths
     "sdmprune": FAITHFUL,
     "sdmprune-activation": {"criterion": "sdmprune", "importance": "activation", "bias_compensation": False},
     "sdmprune-fisher": {"criterion": "sdmprune", "importance": "fisher", "bias_compensation": False},
@@ -97,11 +98,11 @@ REFITS = {
     "sequential-holdout": ReconstructConfig("sequential"),
     "sequential-holdout4": ReconstructConfig("sequential", refit_candidates=4),  # a fourth, larger damping (3)
 }
-REFITTED = ("wanda-sp", "flap", "sdmprune", "sdmprune-activation-wanda", "sdmprune-activation-wanda-global",
-            "nuteprune")
+REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda",
+            "sdmprune-activation-wanda-global", "nuteprune")
 REFIT_MICRO_BATCH = 4
 NUTEPRUNE_WINDOWS = 500
-BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap")
+BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap", "flap-global")
 SEED_FREE = ("magnitude",)  # no calibration data and no randomness: one seed says everything
 EVAL_SETS = {"wikitext2": "WikiText-2 test", "c4": "C4 held-out"}
 
@@ -360,12 +361,14 @@ def markdown(results: dict) -> str:
         "compensation), `sdmprune` is the paper's method (weight-space Taylor, official α/T, 2.5% cold start), "
         "`sdmprune-*` are our variants of it (importance in activation space, +bias = FLAP's compensation "
         "added); `sdmprune-activation-wanda` is the recommended preset "
-        "(`--importance activation-wanda`, the CLI default). Uniform widths for every scoring method. "
+        "(`--importance activation-wanda`, the CLI default). Uniform widths for every scoring method but the "
+        "`-global` rows. "
         "`sdmprune-steps4` / `sdmprune-progressive`: the preset over 4 prune-and-rescore steps with the dense "
         "teacher / with the previous step's student as teacher. `nuteprune`: masks learned over key/value groups "
         "and MLP neurons (widths and head counts differ per layer) with LoRA merged, trained on its own "
         f"{NUTEPRUNE_WINDOWS} windows of the seed (see the cost table). `-global`: FLAP's non-uniform widths "
-        "(standardised scores ranked across layers). `+one-shot` / `+sequential`: the same masks with the kept "
+        "(standardised scores ranked across layers; `flap-global` is FLAP as its authors run it). "
+        "`+one-shot` / `+sequential`: the same masks with the kept "
         "down_proj weights (and for nuteprune o_proj's) refitted by `--reconstruct` (damping 1e-4, its default token "
         "weights and drift; on the seed's calibration windows, for nuteprune the first of its training windows, "
         "as many), replacing flap's compensation bias; `+one-shot-holdout` / `+sequential-holdout`: the same with "
