@@ -357,7 +357,7 @@ def markdown(results: dict) -> str:
         + f"bf16 autocast: {meta['bf16']}. Cells: mean ± sample std of PPL over seeds (n = seeds); "
         "`ev±` is the evaluation noise (relative PPL error from the spread across windows).",
         "",
-        "Rows: `random` … `flap` are the baselines as their authors score neurons (flap with its bias "
+        "Rows: `random` … `flap-global` are the baselines as their authors score neurons (flap with its bias "
         "compensation), `sdmprune` is the paper's method (weight-space Taylor, official α/T, 2.5% cold start), "
         "`sdmprune-*` are our variants of it (importance in activation space, +bias = FLAP's compensation "
         "added); `sdmprune-activation-wanda` is the recommended preset "
