@@ -77,6 +77,11 @@ METHODS: dict[str, dict] = {
     # The preset with FLAP's non-uniform widths (standardised scores ranked across layers).
     "sdmprune-activation-wanda-global": {"criterion": "sdmprune", "importance": "activation-wanda",
                                          "bias_compensation": False, "allocation": "global"},
+    # ... with every layer's width within ±25% / ±50% of the uniform width (`--width-band`).
+    "sdmprune-activation-wanda-global25": {"criterion": "sdmprune", "importance": "activation-wanda",
+                                           "bias_compensation": False, "allocation": "global", "width_band": 0.25},
+    "sdmprune-activation-wanda-global50": {"criterion": "sdmprune", "importance": "activation-wanda",
+                                           "bias_compensation": False, "allocation": "global", "width_band": 0.5},
     # The paper's claims (bench/paper_claims.py): the faithful sdmprune with one setting changed (the official
     # α, T at 20% are 0.4, 0.2), and NutePrune without its attention-group gates.
     "sdmprune-ce": {**FAITHFUL, "alpha": 0.0},  # cross-entropy Taylor in both stages
@@ -99,7 +104,8 @@ REFITS = {
     "sequential-holdout4": ReconstructConfig("sequential", refit_candidates=4),  # a fourth, larger damping (3)
 }
 REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda",
-            "sdmprune-activation-wanda-global", "nuteprune")
+            "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
+            "sdmprune-activation-wanda-global50", "nuteprune")
 REFIT_MICRO_BATCH = 4
 NUTEPRUNE_WINDOWS = 500
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap", "flap-global")
@@ -313,11 +319,27 @@ def best_baseline(summary: dict, ratio: float, name: str, refit: str = "") -> st
     return min(candidates, key=lambda m: summary[(m, ratio)][name]["mean"]) if candidates else None
 
 
+def two_sided_t_p_value(t: float, dof: int) -> float:
+    """P(|T| >= |t|) for Student's t with `dof` (integer) degrees of freedom, in closed form (Abramowitz & Stegun
+    26.7.3-4: a finite series in cos θ, θ = atan(|t| / sqrt(dof)))."""
+    theta = math.atan(abs(t) / math.sqrt(dof))
+    cos2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    for k in range(1 + dof % 2, dof - 2, 2):  # odd dof: ratios 2/3, 2·4/(3·5), ...; even: 1/2, 1·3/(2·4), ...
+        term *= cos2 * k / (k + 1)
+        total += term
+    if dof % 2:
+        inside = (2 / math.pi) * (theta + (math.sin(theta) * math.cos(theta) * total if dof > 1 else 0.0))
+    else:
+        inside = math.sin(theta) * total
+    return max(0.0, 1.0 - inside)
+
+
 def paired_difference(records: dict, method: str, baseline: str, ratio: float, name: str) -> dict | None:
     """PPL(method) - PPL(baseline) over shared seeds (same calibration windows, same evaluation windows).
 
-    {"mean", "std" (over seeds), "n", "eval_rel_err"}: the last is the evaluation noise of the difference,
-    the standard error of the mean per-window NLL difference as a relative PPL error, averaged over seeds.
+    {"mean", "std" (over seeds), "n", "p", "eval_rel_err"}: `p` is the two-sided paired t-test's p-value over
+    seeds (None below 2 seeds); the last is the evaluation noise of the difference, the standard error of the
+    mean per-window NLL difference as a relative PPL error, averaged over seeds.
     """
     by_seed: dict[int, dict[str, dict]] = {}
     for record in records.values():
@@ -335,8 +357,11 @@ def paired_difference(records: dict, method: str, baseline: str, ratio: float, n
     for pair in pairs:
         window_diff = [a - b for a, b in zip(pair[method]["window_nll"], pair[baseline]["window_nll"], strict=True)]
         noise.append(math.expm1(statistics.stdev(window_diff) / math.sqrt(len(window_diff))))
-    return {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-            "n": len(diffs), "eval_rel_err": statistics.fmean(noise)}
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    p = None
+    if len(diffs) > 1:
+        p = two_sided_t_p_value(mean / (std / math.sqrt(len(diffs))), len(diffs) - 1) if std > 0 else 0.0
+    return {"mean": mean, "std": std, "n": len(diffs), "p": p, "eval_rel_err": statistics.fmean(noise)}
 
 
 def markdown(results: dict) -> str:
@@ -396,8 +421,9 @@ def markdown(results: dict) -> str:
                   f"{min(noise):.1%}–{max(noise):.1%} of PPL; differences between models are far less noisy "
                   "(below).", ""]
         lines += [f"Paired difference to the best baseline with the same refit (same seeds), {title}: "
-                  "PPL(method) − PPL(baseline), mean ± std over seeds; ev± is the evaluation noise of the "
-                  "difference (relative, from the per-window NLL differences).", "",
+                  "PPL(method) − PPL(baseline), mean ± std over seeds; p: two-sided paired t-test over seeds; "
+                  "ev± is the evaluation noise of the difference (relative, from the per-window NLL differences).",
+                  "",
                   "| method | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
         for method in methods:
             if base_method(method)[0] in BASELINES:
@@ -406,8 +432,9 @@ def markdown(results: dict) -> str:
             for ratio in ratios:
                 baseline = best_baseline(summary, ratio, name, base_method(method)[1])
                 diff = paired_difference(records, method, baseline, ratio, name) if baseline else None
+                p = "" if diff is None or diff["p"] is None else f", p={diff['p']:.3f}"
                 cells.append("" if diff is None else f"{diff['mean']:+.2f} ± {diff['std']:.2f} vs {baseline} "
-                             f"(n={diff['n']}, ev±{diff['eval_rel_err']:.1%})")
+                             f"(n={diff['n']}{p}, ev±{diff['eval_rel_err']:.1%})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
         refitted = [m for m in methods if base_method(m)[1]]

@@ -7,9 +7,10 @@ import torch
 from conftest import tiny_model
 
 from sdmprune import count_parameters, prune
-from sdmprune.allocation import kept_budget, standardise
+from sdmprune.allocation import Global, kept_budget, standardise
 from sdmprune.criteria import CRITERIA, ScoringContext, compute_scores
 from sdmprune.criteria.sdmprune import OFFICIAL_DISTILLATION, SDMPrune
+from sdmprune.errors import SdmpruneError
 from sdmprune.masks import NeuronMasks
 
 
@@ -37,6 +38,20 @@ def test_global_allocation_keeps_the_best_standardised_scores_anywhere():
     z = torch.cat(standardise(scores))
     kept = torch.cat(result.masks.keep)
     assert z[kept].min() >= z[~kept].max()  # one global threshold on the standardised scores
+
+
+def test_width_band_keeps_global_widths_near_uniform_and_the_best_inside_the_band():
+    # Layer 3 has 4 outstanding neurons and 60 poor ones: unbounded, global ranking leaves it 17 of 64.
+    scores = [torch.arange(64.0) for _ in range(3)] + [torch.cat([torch.zeros(60), torch.full((4,), 1000.0)])]
+    count = count_parameters(tiny_model("llama", num_hidden_layers=4))
+    assert Global().widths(count, 128, 1, scores) == [37, 37, 37, 17]
+    # Within 32 ± 25%: layer 3 keeps 24, the others share the rest on their scores (ties: lower layers first).
+    assert Global(width_band=0.25).widths(count, 128, 1, scores) == [35, 35, 34, 24]
+    assert Global(width_band=0.05).widths(count, 128, 1, scores) == [33, 33, 32, 30]  # 30 .. 34
+    with pytest.raises(SdmpruneError, match="--width-band must be positive"):
+        prune(tiny_model("llama"), mlp_ratio=0.5, criterion="magnitude", allocation="global", width_band=0.0)
+    with pytest.raises(SdmpruneError, match="--width-band does not apply here"):
+        prune(tiny_model("llama"), mlp_ratio=0.5, criterion="magnitude", width_band=0.2)
 
 
 def test_steps_prune_progressively_to_the_target():

@@ -5,7 +5,8 @@ taken from MLP neurons; `mlp_ratio` is the fraction of MLP neurons removed. The 
 of kept neurons over all layers; an allocation spreads it over layers:
 
 - `uniform`: the same width in every layer (the paper's choice);
-- `global`: neurons ranked across layers on per-layer standardised scores (FLAP's choice);
+- `global`: neurons ranked across layers on per-layer standardised scores (FLAP's choice), optionally
+  within a band around the uniform width (`--width-band`);
 - `layer-range`: the first L/8 and last L/16 layers stay dense, the others share the budget
   uniformly (LLM-Pruner's default keeps layers 0-3 and the last 2 of 32).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -25,7 +26,7 @@ import torch
 from .config import check_ratio
 from .errors import SdmpruneError
 from .masks import ParameterCount
-from .options import Named, Registry
+from .options import Named, Registry, described
 
 ALLOCATIONS = Registry("allocation")
 
@@ -135,26 +136,43 @@ class Global(Allocation):
     """rank standardised scores across layers (FLAP); widths differ per layer"""
 
     needs_scores = True
+    width_band: float | None = field(default=None, metadata=described(
+        "with --allocation global: keep every layer's width between (1 - b) and (1 + b) times the uniform width "
+        "(0.25: 0.75x to 1.25x); unset: unbounded, as FLAP"))
+
+    def validate(self) -> None:
+        if self.width_band is not None and not self.width_band > 0:
+            raise SdmpruneError(f"--width-band must be positive, got {self.width_band}")
 
     def widths(self, count, budget, width_multiple, scores=None):
-        return _global_widths(count, budget, width_multiple, scores)
+        return _global_widths(count, budget, width_multiple, scores, self.width_band)
 
 
-def _global_widths(count: ParameterCount, budget: float, width_multiple: int, scores: Sequence[torch.Tensor]
-                   ) -> list[int]:
+def _global_widths(count: ParameterCount, budget: float, width_multiple: int, scores: Sequence[torch.Tensor],
+                   band: float | None = None) -> list[int]:
     minimum = max(width_multiple, 1)
     total = math.floor(budget + 1e-9)
     if total < minimum * len(scores):
         raise _unreachable(count, width_multiple)
+    lowest, highest = [minimum] * len(scores), [s.numel() for s in scores]
+    if band is not None:
+        uniform = total / len(scores)
+        lowest = [min(n, max(minimum, math.floor((1 - min(band, 1)) * uniform))) for n in highest]
+        highest = [max(low, min(n, math.ceil((1 + band) * uniform))) for low, n in zip(lowest, highest, strict=True)]
     z = standardise(scores)
-    # Every layer keeps its `minimum` best neurons; the rest of the budget goes to the best z-scores anywhere.
-    reserved = [torch.zeros_like(s, dtype=torch.bool) for s in z]
-    for mask, layer_z in zip(reserved, z, strict=True):
-        mask[torch.argsort(layer_z, descending=True, stable=True)[:minimum]] = True
-    pool = torch.cat([layer_z.masked_fill(mask, float("-inf")) for layer_z, mask in zip(z, reserved, strict=True)])
+    # Each layer keeps its `lowest` best neurons; the rest of the budget goes to the best z-scores anywhere among
+    # each layer's ranks `lowest` .. `highest` - 1 (a layer's ranks are descending, so it always keeps a prefix).
+    ranked = []
+    for layer_z, low, high in zip(z, lowest, highest, strict=True):
+        layer_ranked = torch.sort(layer_z, descending=True, stable=True).values
+        layer_ranked[:low] = float("-inf")
+        layer_ranked[high:] = float("-inf")
+        ranked.append(layer_ranked)
+    pool = torch.cat(ranked)
     chosen = torch.zeros_like(pool, dtype=torch.bool)
-    chosen[torch.argsort(pool, descending=True, stable=True)[: total - minimum * len(z)]] = True
-    counts = [minimum + int(part.sum()) for part in chosen.split([s.numel() for s in z])]
+    chosen[torch.argsort(pool, descending=True, stable=True)[: total - sum(lowest)]] = True
+    parts = chosen.split([r.numel() for r in ranked])
+    counts = [low + int(part.sum()) for low, part in zip(lowest, parts, strict=True)]
     return [max(minimum, _round_down(c, width_multiple)) for c in counts]
 
 
