@@ -179,8 +179,9 @@ def prune_and_export(model_spec: str, directory: Path, ratio: float, allocation:
 
     model, tokenizer = load_model(model_spec, dtype="float32", device="cpu")
     ids, summary = calibration
+    band = {"width_band": None} if allocation == "global" else {}  # the recorded runs: unbounded (512..1536 wide)
     result = prune(model, criterion="wanda-sp", ratio=ratio, allocation=allocation, width_multiple=width_multiple,
-                   calibration=ids, calibration_summary=summary)
+                   calibration=ids, calibration_summary=summary, **band)
     export_pruned(model, tokenizer, result.masks, directory, padded=padded, overwrite=True,
                   report={**result.report, "source_model": model_spec})
 

@@ -57,7 +57,7 @@ METHODS: dict[str, dict] = {
     "wanda-sp": {"criterion": "wanda-sp"},
     "taylor": {"criterion": "taylor"},
     "flap": {"criterion": "flap"},  # with its bias compensation
-    "flap-global": {"criterion": "flap", "allocation": "global"},  # FLAP as its authors run it: non-uniform widths
+    "flap-global": {"criterion": "flap", "allocation": "global", "width_band": None},  # FLAP as its authors run it
     "sdmprune": FAITHFUL,
     "sdmprune-activation": {"criterion": "sdmprune", "importance": "activation", "bias_compensation": False},
     "sdmprune-fisher": {"criterion": "sdmprune", "importance": "fisher", "bias_compensation": False},
@@ -74,10 +74,10 @@ METHODS: dict[str, dict] = {
     # NutePrune: learned masks over key/value groups and MLP neurons (widths and head counts differ per layer),
     # LoRA merged; trained on NUTEPRUNE_WINDOWS windows, one per step.
     "nuteprune": {"method": "nuteprune", "train_steps": 500},
-    # The preset with FLAP's non-uniform widths (standardised scores ranked across layers).
+    # The preset with FLAP's non-uniform widths (standardised scores ranked across layers, unbounded) ...
     "sdmprune-activation-wanda-global": {"criterion": "sdmprune", "importance": "activation-wanda",
-                                         "bias_compensation": False, "allocation": "global"},
-    # ... with every layer's width within ±25% / ±50% of the uniform width (`--width-band`).
+                                         "bias_compensation": False, "allocation": "global", "width_band": None},
+    # ... and with every layer's width within ±25% (`--allocation global`'s default) / ±50% of the uniform width.
     "sdmprune-activation-wanda-global25": {"criterion": "sdmprune", "importance": "activation-wanda",
                                            "bias_compensation": False, "allocation": "global", "width_band": 0.25},
     "sdmprune-activation-wanda-global50": {"criterion": "sdmprune", "importance": "activation-wanda",

@@ -155,3 +155,18 @@ def test_prune_offline_without_evaluation_data_skips_perplexity_with_a_note(caps
     # asked for explicitly, missing evaluation data is an error, before any work
     code, _, err = run(capsys, "prune", "--model", saved_model, "--ppl-data", "wikitext2", "--output", tmp_path / "p")
     assert code == 2 and "could not load 'wikitext2'" in err
+
+
+def test_global_widths_within_a_band_and_none_for_unbounded(capsys, saved_model, tmp_path):
+    common = ["--model", saved_model, "--mlp-ratio", "0.5", "--criterion", "magnitude", "--allocation", "global",
+              "--reconstruct", "none", "--ppl-data", "none"]
+    code, _, _ = run(capsys, "prune", *common, "--width-band", "0.1", "--output", tmp_path / "band")
+    assert code == 0
+    record = json.loads((tmp_path / "band" / "pruning.json").read_text())
+    assert record["config"]["allocation"] == {"name": "global", "width_band": 0.1}
+    assert sum(record["widths"]) == 64 and all(28 <= w <= 36 for w in record["widths"])  # 32 ± 10%, rounded
+    code, _, _ = run(capsys, "prune", *common, "--width-band", "none", "--output", tmp_path / "free")
+    assert code == 0
+    assert json.loads((tmp_path / "free" / "pruning.json").read_text())["config"]["allocation"]["width_band"] is None
+    code, _, err = run(capsys, "prune", *common, "--width-band", "wide", "--output", tmp_path / "bad")
+    assert code == 2 and "argument --width-band: invalid float value: 'wide'" in err

@@ -32,7 +32,8 @@ def test_global_allocation_keeps_the_best_standardised_scores_anywhere():
     masks = NeuronMasks(model)
     scores = compute_scores(CRITERIA.get("wanda-sp")(), ScoringContext(model, masks, calibration()))
     masks.remove()
-    result = prune(model, mlp_ratio=0.5, criterion="wanda-sp", allocation="global", calibration=calibration())
+    result = prune(model, mlp_ratio=0.5, criterion="wanda-sp", allocation="global", width_band=None,
+                   calibration=calibration())
     widths = result.masks.widths
     assert sum(widths) == 128 and len(set(widths)) > 1  # 4 layers x 64 x 0.5, unevenly spread
     z = torch.cat(standardise(scores))
@@ -44,9 +45,10 @@ def test_width_band_keeps_global_widths_near_uniform_and_the_best_inside_the_ban
     # Layer 3 has 4 outstanding neurons and 60 poor ones: unbounded, global ranking leaves it 17 of 64.
     scores = [torch.arange(64.0) for _ in range(3)] + [torch.cat([torch.zeros(60), torch.full((4,), 1000.0)])]
     count = count_parameters(tiny_model("llama", num_hidden_layers=4))
-    assert Global().widths(count, 128, 1, scores) == [37, 37, 37, 17]
-    # Within 32 ± 25%: layer 3 keeps 24, the others share the rest on their scores (ties: lower layers first).
-    assert Global(width_band=0.25).widths(count, 128, 1, scores) == [35, 35, 34, 24]
+    assert Global(width_band=None).widths(count, 128, 1, scores) == [37, 37, 37, 17]
+    # Within 32 ± 25% (the default band): layer 3 keeps 24, the others share the rest on their scores (ties: lower
+    # layers first).
+    assert Global().widths(count, 128, 1, scores) == [35, 35, 34, 24]
     assert Global(width_band=0.05).widths(count, 128, 1, scores) == [33, 33, 32, 30]  # 30 .. 34
     with pytest.raises(SdmpruneError, match="--width-band must be positive"):
         prune(tiny_model("llama"), mlp_ratio=0.5, criterion="magnitude", allocation="global", width_band=0.0)

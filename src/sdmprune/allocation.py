@@ -5,8 +5,8 @@ taken from MLP neurons; `mlp_ratio` is the fraction of MLP neurons removed. The 
 of kept neurons over all layers; an allocation spreads it over layers:
 
 - `uniform`: the same width in every layer (the paper's choice);
-- `global`: neurons ranked across layers on per-layer standardised scores (FLAP's choice), optionally
-  within a band around the uniform width (`--width-band`);
+- `global`: neurons ranked across layers on per-layer standardised scores (FLAP's choice), each layer's
+  width kept within a band around the uniform width (`--width-band`, 0.25; none: unbounded, as FLAP);
 - `layer-range`: the first L/8 and last L/16 layers stay dense, the others share the budget
   uniformly (LLM-Pruner's default keeps layers 0-3 and the last 2 of 32).
 
@@ -136,9 +136,10 @@ class Global(Allocation):
     """rank standardised scores across layers (FLAP); widths differ per layer"""
 
     needs_scores = True
-    width_band: float | None = field(default=None, metadata=described(
-        "with --allocation global: keep every layer's width between (1 - b) and (1 + b) times the uniform width "
-        "(0.25: 0.75x to 1.25x); unset: unbounded, as FLAP"))
+    width_band: float | None = field(default=0.25, metadata=described(
+        "with --allocation global: keep every layer's width between (1 - b) and (1 + b) times the uniform width; "
+        "none: unbounded, as FLAP (the default 0.25 is better than unbounded with the preset, bench/results/"
+        "quality.md)"))
 
     def validate(self) -> None:
         if self.width_band is not None and not self.width_band > 0:

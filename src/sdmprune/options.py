@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
@@ -102,6 +102,14 @@ def option_type(cls: type, f: dataclasses.Field) -> type:
     kind = _hints(cls)[f.name]
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     return args[0] if args else kind
+
+
+def _none_or(kind: type) -> Callable[[str], Any]:
+    """Argument parser of an optional number: `none` gives None (the field's unset meaning)."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
+    return parse
 
 
 def default_of(cls: type, f: dataclasses.Field) -> Any:
@@ -274,7 +282,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None 
             group.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=f"{f.metadata['help']} "
                                f"(default: {default})")
             continue
-        _add(group, added, f.name, option_type(cls, f), f.metadata["help"], default, choices=f.metadata.get("choices"))
+        kind = option_type(cls, f)
+        if kind in (int, float) and type(None) in typing.get_args(_hints(cls)[f.name]):
+            kind = _none_or(kind)
+        _add(group, added, f.name, kind, f.metadata["help"], default, choices=f.metadata.get("choices"))
     for member, member_title, member_defaults in nested:
         add_arguments(parser, member, member_title, added, member_defaults)
 
