@@ -51,6 +51,7 @@ RESULTS = Path(__file__).parent / "results"
 # Name -> PruneConfig settings. The first six are the paper's comparison (each baseline as its authors
 # define its score, all with the paper's uniform allocation); the rest are our variants of SDMPrune.
 FAITHFUL = {"criterion": "sdmprune", "importance": "weight", "bias_compensation": False}  # the paper's SDMPrune
+PRESET = {"criterion": "sdmprune", "importance": "activation-wanda", "bias_compensation": False}  # our default
 METHODS: dict[str, dict] = {
     "random": {"criterion": "random"},
     "magnitude": {"criterion": "magnitude"},
@@ -59,29 +60,22 @@ METHODS: dict[str, dict] = {
     "flap": {"criterion": "flap"},  # with its bias compensation
     "flap-global": {"criterion": "flap", "allocation": "global", "width_band": None},  # FLAP as its authors run it
     "sdmprune": FAITHFUL,
-    "sdmprune-activation": {"criterion": "sdmprune", "importance": "activation", "bias_compensation": False},
-    "sdmprune-fisher": {"criterion": "sdmprune", "importance": "fisher", "bias_compensation": False},
-    "sdmprune-activation-wanda": {"criterion": "sdmprune", "importance": "activation-wanda",
-                                  "bias_compensation": False},
-    "sdmprune-activation-wanda+bias": {"criterion": "sdmprune", "importance": "activation-wanda",
-                                       "bias_compensation": True},
+    "sdmprune-activation": {**PRESET, "importance": "activation"},
+    "sdmprune-fisher": {**PRESET, "importance": "fisher"},
+    "sdmprune-activation-wanda": PRESET,
+    "sdmprune-activation-wanda+bias": {**PRESET, "bias_compensation": True},
     # The preset over 4 prune-and-rescore steps (+ cold start) with the dense teacher (masks off) and with the
     # progressive one (the student of the previous step): both hold one model in memory.
-    "sdmprune-steps4": {"criterion": "sdmprune", "importance": "activation-wanda", "bias_compensation": False,
-                        "steps": 4},
-    "sdmprune-progressive": {"criterion": "sdmprune", "importance": "activation-wanda", "bias_compensation": False,
-                             "steps": 4, "teacher": "progressive", "teacher_lag": 1},
+    "sdmprune-steps4": {**PRESET, "steps": 4},
+    "sdmprune-progressive": {**PRESET, "steps": 4, "teacher": "progressive", "teacher_lag": 1},
     # NutePrune: learned masks over key/value groups and MLP neurons (widths and head counts differ per layer),
     # LoRA merged; trained on NUTEPRUNE_WINDOWS windows, one per step.
     "nuteprune": {"method": "nuteprune", "train_steps": 500},
     # The preset with FLAP's non-uniform widths (standardised scores ranked across layers, unbounded) ...
-    "sdmprune-activation-wanda-global": {"criterion": "sdmprune", "importance": "activation-wanda",
-                                         "bias_compensation": False, "allocation": "global", "width_band": None},
+    "sdmprune-activation-wanda-global": {**PRESET, "allocation": "global", "width_band": None},
     # ... and with every layer's width within ±25% (`--allocation global`'s default) / ±50% of the uniform width.
-    "sdmprune-activation-wanda-global25": {"criterion": "sdmprune", "importance": "activation-wanda",
-                                           "bias_compensation": False, "allocation": "global", "width_band": 0.25},
-    "sdmprune-activation-wanda-global50": {"criterion": "sdmprune", "importance": "activation-wanda",
-                                           "bias_compensation": False, "allocation": "global", "width_band": 0.5},
+    "sdmprune-activation-wanda-global25": {**PRESET, "allocation": "global", "width_band": 0.25},
+    "sdmprune-activation-wanda-global50": {**PRESET, "allocation": "global", "width_band": 0.5},
     # The paper's claims (bench/paper_claims.py): the faithful sdmprune with one setting changed (the official
     # α, T at 20% are 0.4, 0.2), and NutePrune without its attention-group gates.
     "sdmprune-ce": {**FAITHFUL, "alpha": 0.0},  # cross-entropy Taylor in both stages

@@ -155,11 +155,12 @@ def _global_widths(count: ParameterCount, budget: float, width_multiple: int, sc
     total = math.floor(budget + 1e-9)
     if total < minimum * len(scores):
         raise _unreachable(count, width_multiple)
-    lowest, highest = [minimum] * len(scores), [s.numel() for s in scores]
+    sizes = [s.numel() for s in scores]
+    lowest, highest = [minimum] * len(sizes), sizes
     if band is not None:
-        uniform = total / len(scores)
-        lowest = [min(n, max(minimum, math.floor((1 - min(band, 1)) * uniform))) for n in highest]
-        highest = [max(low, min(n, math.ceil((1 + band) * uniform))) for low, n in zip(lowest, highest, strict=True)]
+        uniform = total / len(sizes)
+        lowest = [min(n, max(minimum, math.floor((1 - min(band, 1)) * uniform))) for n in sizes]
+        highest = [max(low, min(n, math.ceil((1 + band) * uniform))) for low, n in zip(lowest, sizes, strict=True)]
     z = standardise(scores)
     # Each layer keeps its `lowest` best neurons; the rest of the budget goes to the best z-scores anywhere among
     # each layer's ranks `lowest` .. `highest` - 1 (a layer's ranks are descending, so it always keeps a prefix).
