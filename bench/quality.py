@@ -76,6 +76,7 @@ METHODS: dict[str, dict] = {
     # ... and with every layer's width within ±25% (`--allocation global`'s default) / ±50% of the uniform width.
     "sdmprune-activation-wanda-global25": {**PRESET, "allocation": "global", "width_band": 0.25},
     "sdmprune-activation-wanda-global50": {**PRESET, "allocation": "global", "width_band": 0.5},
+    "sdmprune-global25": {**FAITHFUL, "allocation": "global", "width_band": 0.25},  # the paper's scores, ±25% widths
     # The paper's claims (bench/paper_claims.py): the faithful sdmprune with one setting changed (the official
     # α, T at 20% are 0.4, 0.2), and NutePrune without its attention-group gates.
     "sdmprune-ce": {**FAITHFUL, "alpha": 0.0},  # cross-entropy Taylor in both stages
@@ -99,7 +100,7 @@ REFITS = {
 }
 REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda",
             "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
-            "sdmprune-activation-wanda-global50", "nuteprune")
+            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune")
 REFIT_MICRO_BATCH = 4
 NUTEPRUNE_WINDOWS = 500
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap", "flap-global")
