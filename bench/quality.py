@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from sdmprune import load_model, perplexity, prune
-from sdmprune.data import load_calibration, load_text
+from sdmprune.data import extend_calibration, load_calibration, load_text
 from sdmprune.data.calibration import load_documents
 from sdmprune.evaluation.perplexity import tokenize_windows
 from sdmprune.io import atomic_file
@@ -90,13 +90,16 @@ METHODS: dict[str, dict] = {
 }
 # Reconstruction after the masks (`--reconstruct`, sdmprune.reconstruct): record "<method>+<refit>" holds the same
 # masks as record "<method>" with the kept down_proj weights refitted. Refit name -> its settings: the first two fix
-# the damping (the records made before the held-out choice existed), the last two are the package's default.
+# the damping (the records made before the held-out choice existed), the last is the package's default.
+# All but the last on the scoring windows (refit_samples None).
 REFITS = {
-    "one-shot": ReconstructConfig("one-shot", refit_holdout=0),
-    "sequential": ReconstructConfig("sequential", refit_holdout=0),
-    "one-shot-holdout": ReconstructConfig("one-shot"),  # the damping chosen per layer on held-out windows
-    "sequential-holdout": ReconstructConfig("sequential"),
-    "sequential-holdout4": ReconstructConfig("sequential", refit_candidates=4),  # a fourth, larger damping (3)
+    "one-shot": ReconstructConfig("one-shot", refit_holdout=0, refit_samples=None),
+    "sequential": ReconstructConfig("sequential", refit_holdout=0, refit_samples=None),
+    # the damping chosen per layer on held-out windows
+    "one-shot-holdout": ReconstructConfig("one-shot", refit_samples=None),
+    "sequential-holdout": ReconstructConfig("sequential", refit_samples=None),
+    "sequential-holdout4": ReconstructConfig("sequential", refit_candidates=4, refit_samples=None),  # a 4th damping: 3
+    "sequential-holdout-128": ReconstructConfig("sequential", refit_samples=128),  # 128 windows: the scoring ones, more
 }
 REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda",
             "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
@@ -251,9 +254,13 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
             continue
         masks.bias = list(compensation)
         start = time.perf_counter()
+        # the scoring windows (nuteprune: the first of its 500 training windows, as many as the scoring methods'),
+        # then, where the refit asks for more, more of the same source
+        windows_for_refit, _ = extend_calibration(calibration[:args.calib_samples],
+                                                  REFITS[refit].refit_samples or args.calib_samples, args.calib,
+                                                  tokenizer, seed=seed, model=model)
         with PeakUse() as refit_memory:
-            # nuteprune (its 500 training windows): the refit on the first windows, as many as the scoring methods'
-            report = reconstruct(model, masks, calibration[:args.calib_samples], REFITS[refit],
+            report = reconstruct(model, masks, windows_for_refit, REFITS[refit],
                                  heads=result.heads if learned else None, micro_batch=REFIT_MICRO_BATCH,
                                  bf16=args.bf16)
         layers = report["layers"]
@@ -396,7 +403,8 @@ def markdown(results: dict) -> str:
         "as many), replacing flap's compensation bias; `+one-shot-holdout` / `+sequential-holdout`: the same with "
         "the default `--refit-holdout 0.125`: each layer's damping (1e-4, 3e-3 or 0.1, or no refit) chosen on the "
         "last eighth of the windows, then solved on all of them; `+sequential-holdout4`: 3 as a fourth candidate "
-        "(`--refit-candidates 4`).",
+        "(`--refit-candidates 4`); `+sequential-holdout-128` (the package's default): on 128 windows, the seed's "
+        "calibration windows and more of the same source (`--refit-samples 128`).",
         "",
         "Commands: " + "; ".join(f"`{command}`" for command in results.get(
             "commands", ["SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py"])),

@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_model
 
 from sdmprune import SdmpruneError
-from sdmprune.data import load_calibration
+from sdmprune.data import extend_calibration, load_calibration
+from sdmprune.data.calibration import MORE_WINDOWS_SEED
 
 
 @pytest.fixture
@@ -38,6 +39,16 @@ def test_same_seed_same_windows(corpus, tokenizer):
     again, _ = load_calibration(str(corpus), tokenizer, n_samples=8, seq_len=16, seed=5)
     other, _ = load_calibration(str(corpus), tokenizer, n_samples=8, seq_len=16, seed=6)
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_more_windows_follow_the_first_draw_and_come_from_another_one(corpus, tokenizer):
+    first, _ = load_calibration(str(corpus), tokenizer, n_samples=8, seq_len=16, seed=5)
+    more, summary = extend_calibration(first, 20, str(corpus), tokenizer, seed=5)
+    other, _ = load_calibration(str(corpus), tokenizer, n_samples=12, seq_len=16, seed=5 + MORE_WINDOWS_SEED)
+    assert more.shape == (20, 16) and torch.equal(more[:8], first) and torch.equal(more[8:], other)
+    assert summary == {"windows": 20, "from_first_draw": 8, "more_seed": 5 + MORE_WINDOWS_SEED}
+    fewer, summary = extend_calibration(first, 3, str(corpus), tokenizer, seed=5)
+    assert torch.equal(fewer, first[:3]) and summary == {"windows": 3, "from_first_draw": 3, "more_seed": None}
 
 
 def test_directory_and_text_files(tmp_path, tokenizer):

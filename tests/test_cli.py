@@ -22,7 +22,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_prune_eval_inspect(capsys, saved_model, text_file, tmp_path):
     out_dir = tmp_path / "pruned"
-    # the default sequential reconstruction refits on the calibration windows (the tiny model's context is 128)
+    # the default sequential reconstruction refits on the 4 calibration windows and 124 more (the tiny model's
+    # context is 128)
     code, out, _ = run(capsys, "prune", "--model", saved_model, "--ratio", "0.2", "--criterion", "magnitude",
                        "--calib", text_file, "--calib-samples", "4", "--calib-seq-len", "32",
                        "--ppl-data", text_file, "--seq-len", "64", "--output", out_dir)
@@ -30,7 +31,7 @@ def test_prune_eval_inspect(capsys, saved_model, text_file, tmp_path):
     assert "achieved ratio 0.2" in out and "perplexity" in out
     record = json.loads((out_dir / "pruning.json").read_text())
     assert record["requested"]["ratio"] == 0.2 and record["achieved"]["ratio"] >= 0.2
-    assert record["reconstruction"]["mode"] == "sequential" and record["reconstruction"]["tokens"] == 4 * 32
+    assert record["reconstruction"]["mode"] == "sequential" and record["reconstruction"]["tokens"] == 128 * 32
     assert record["evaluation"]["after"]["tokens"] == record["evaluation"]["before"]["tokens"] > 0
     plain = AutoModelForCausalLM.from_pretrained(out_dir)
     assert plain.config.intermediate_size == record["widths"][0]

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import sdmprune.reconstruct as reconstruction
 from sdmprune import SdmpruneError, export_pruned
 from sdmprune.cli import main
+from sdmprune.data.calibration import MORE_WINDOWS_SEED
 from sdmprune.distributed import shard_windows
 from sdmprune.masks import HeadMasks, NeuronMasks
 from sdmprune.reconstruct import (
@@ -309,6 +310,34 @@ def test_same_inputs_give_a_bit_identical_refit():
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
+def test_sixteen_bit_inputs_give_the_fp64_sums_with_fp32_products():
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(512, 40, generator=generator).bfloat16()  # what a layer under bf16 autocast records
+    targets, weights = torch.randn(512, 24, generator=generator, dtype=torch.float64), torch.rand(512).double()
+    exact, fast = RefitStatistics.zeros(40, 24, torch.device("cpu")), RefitStatistics.zeros(40, 24, torch.device("cpu"))
+    exact.add(inputs.double(), targets, weights)
+    fast.add(inputs.float(), targets, weights)
+    for a, b in zip(fast.tensors(), exact.tensors(), strict=True):  # sums of 512 terms: relative to their norm
+        assert a.dtype == torch.float64 and (a - b).norm() <= 1e-6 * b.norm()
+    assert not torch.equal(fast.gram, exact.gram)  # the products did run in fp32
+
+
+def test_the_refit_runs_on_refit_samples_windows(saved_model, text_file, tmp_path, monkeypatch):
+    received = []
+
+    def recording(model, masks, windows, *args, **kwargs):
+        received.append(windows)
+        return reconstruct(model, masks, windows, *args, **kwargs)
+
+    monkeypatch.setattr("sdmprune.recipes.prune.reconstruct", recording)
+    assert main(["prune", "--model", str(saved_model), "--criterion", "wanda-sp", "--mlp-ratio", "0.4", "--calib",
+                 str(text_file), "--calib-samples", "6", "--calib-seq-len", "24", "--refit-samples", "10",
+                 "--ppl-data", "none", "--output", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "pruning.json").read_text())["reconstruction"]
+    assert record["calibration"] == {"windows": 10, "from_first_draw": 6, "more_seed": MORE_WINDOWS_SEED}
+    assert record["tokens"] == 10 * 24 and received[0].shape == (10, 24)
+
+
 def test_refusals(monkeypatch):
     model = tiny_model("mistral")
     masks = random_masks(model)
@@ -320,6 +349,10 @@ def test_refusals(monkeypatch):
         reconstruct(model, masks, CALIBRATION, ReconstructConfig("one-shot", -1.0))
     with pytest.raises(SdmpruneError, match="--drift"):
         reconstruct(model, masks, CALIBRATION, ReconstructConfig("sequential", drift=1.5))
+    with pytest.raises(SdmpruneError, match="--refit-samples must be at least 1"):
+        ReconstructConfig(refit_samples=0).validate()
+    with pytest.raises(SdmpruneError, match="holds out all 1 refit windows"):
+        ReconstructConfig(refit_samples=1).validate()
     gemma = tiny_model("gemma3_text")
     with pytest.raises(SdmpruneError, match="'gemma3_text' transforms the MLP output"):
         reconstruct(gemma, random_masks(gemma), CALIBRATION, ReconstructConfig("sequential", drift=0.25))

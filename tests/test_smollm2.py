@@ -40,9 +40,10 @@ def test_bundled_model_loads_from_cache():
 def test_prune_20_percent_exports_a_plain_model(tmp_path, data_dir, capsys):
     out = tmp_path / "smollm2-p20"
     width_multiple = 8
-    # the default sequential refit on 8 × 128 C4 tokens (seconds, not the default 64 × 256)
+    # the default sequential refit on 16 × 128 C4 tokens, the 8 scoring windows and 8 more (seconds, not the
+    # default 128 × 256)
     code = main(["prune", "--ratio", "0.2", "--criterion", "magnitude", "--width-multiple", str(width_multiple),
-                 "--calib-samples", "8", "--calib-seq-len", "128",
+                 "--calib-samples", "8", "--calib-seq-len", "128", "--refit-samples", "16",
                  "--ppl-data", "wikitext2", "--data-dir", str(data_dir), "--seq-len", "256",
                  "--max-tokens", "1024", "--output", str(out)])
     printed = capsys.readouterr().out
@@ -53,6 +54,7 @@ def test_prune_20_percent_exports_a_plain_model(tmp_path, data_dir, capsys):
     assert f"{before['ppl']:.2f} -> {after['ppl']:.2f}" in printed
     assert before["tokens"] == 4 * 255 and 10 < before["ppl"] < 60  # dense SmolLM2 on WikiText-2
     assert after["ppl"] > before["ppl"] and record["reconstruction"]["mode"] == "sequential"
+    assert record["reconstruction"]["tokens"] == 16 * 128 and record["reconstruction"]["calibration"]["windows"] == 16
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())

@@ -29,6 +29,8 @@ from ..runtime import cache_keyword, context_length
 from .text import CALIBRATION_DATASETS, dataset_documents, read_jsonl
 
 SELF_SOURCE = "self"
+# added to the seed for windows beyond a first draw (`extend_calibration`): a stream no small seed's first draw uses
+MORE_WINDOWS_SEED = 1_000_003
 SELF_BATCH = 16  # sequences generated together; fixed, so the random stream (and the ids) depend on `seed` only
 DIRECTORY_SUFFIXES = frozenset((  # what a directory source reads: text, then source code
     ".txt", ".jsonl", ".md", ".rst",
@@ -170,3 +172,20 @@ def load_calibration(
     tokens = tokenizer(documents, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     ids, eligible = sample_windows(tokens, n_samples, seq_len, seed)
     return ids, {**summary, "documents": eligible}
+
+
+def extend_calibration(windows: torch.Tensor, n_samples: int, spec: str, tokenizer, *, seed: int,
+                       **options) -> tuple[torch.Tensor, dict]:
+    """(n_samples, S) windows and a summary: the first `n_samples` of `windows` (N, S) (drawn from `spec` with
+    `seed`), then, where `n_samples` > N, n_samples − N more windows of `spec` drawn with seed + MORE_WINDOWS_SEED
+    (other windows of the same source; `options` as `load_calibration`'s).
+
+    The summary is {"windows", "from_first_draw", "more_seed" (None where no more were drawn)}.
+    """
+    first = min(n_samples, windows.shape[0])
+    summary = {"windows": n_samples, "from_first_draw": first, "more_seed": None}
+    if n_samples <= windows.shape[0]:
+        return windows[:n_samples], summary
+    more, _ = load_calibration(spec, tokenizer, n_samples=n_samples - first, seq_len=windows.shape[1],
+                               seed=seed + MORE_WINDOWS_SEED, **options)
+    return torch.cat([windows, more]), {**summary, "more_seed": seed + MORE_WINDOWS_SEED}

@@ -41,7 +41,7 @@ from ..runtime import PeakMemory, context_length, use_bf16
 from ..schedule import check_plan
 from .options import PerplexityOptions, PruningRunOptions, TaskOptions
 from .prune import FINISHED
-from .steps import calibration_windows, load, measure, perplexity_windows, say
+from .steps import calibration_windows, load, measure, perplexity_windows, refit_windows, say
 
 STAGES = ("calibrate", "prune", "reconstruct", "recover", "evaluate", "export")
 STAGE_MODELS = "stage-models"  # --export-stages: OUTPUT/stage-models/{pruned,reconstructed}
@@ -137,6 +137,8 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ceiling = _matmul_gflops(bf16, device) * 1e9
     calibration_tokens = config.calibration.calib_samples * config.calibration.calib_seq_len
+    refit_tokens = (config.reconstruction.refit_samples or config.calibration.calib_samples) * \
+        config.calibration.calib_seq_len
     recovery_tokens = config.source.recover_tokens * config.recovery.epochs
     eval_tokens = config.evaluation.max_tokens * len(perplexity_sets(config.evaluation))
     # SharedContextLM runs ~100 tokens per item (233,624 for the 12 local tasks' first 200 items with Qwen2.5's
@@ -152,7 +154,7 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
         "calibrate": (2 * params * (eval_tokens + cached * recovery_tokens // config.recovery.epochs), 0),
         "prune": (2 * params * (eval_tokens + pruning.steps * calibration_tokens),
                   (cold_start + 4 * pruning.steps) * params * calibration_tokens),
-        "reconstruct": (2 * params * (eval_tokens + reconstruct_passes * calibration_tokens), 0),
+        "reconstruct": (2 * params * (eval_tokens + reconstruct_passes * refit_tokens), 0),
         "recover": (2 * params * (eval_tokens + (not cached) * recovery_tokens),
                     6 * params * recovery_tokens * recovering),
         "evaluate": (2 * params * task_tokens, 0),
@@ -282,6 +284,9 @@ def run(config: CompressRun) -> dict:
             windows.append((options, text_windows))
     calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
                                                pruning.runtime.seed)
+    if any(stage["stage"] == "reconstruct" for stage in stages):
+        refit_calibration, refit_summary = refit_windows(config.reconstruction, config.calibration, config.data,
+                                                         model, tokenizer, pruning.runtime.seed, calibration)
     data = recovery_data(config, model, tokenizer) if config.source.recover_data != "none" else None
     clear_for_new_run(output, resume)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -341,8 +346,9 @@ def run(config: CompressRun) -> dict:
 
     if "reconstruct" in names_in_plan:
         started = begin(names_in_plan.index("reconstruct") + 1, "reconstruct")
-        reports["reconstruct"] = reconstruct(model, masks, calibration, config.reconstruction,
-                                             micro_batch=pruning.micro_batch, bf16=bf16)
+        reports["reconstruct"] = {**reconstruct(model, masks, refit_calibration, config.reconstruction,
+                                                micro_batch=pruning.micro_batch, bf16=bf16),
+                                  "calibration": refit_summary}
         finish("reconstruct", started, "reconstructed")
         export_stage("reconstructed", masks, {**result.report, "reconstruction": reports["reconstruct"]})
 

@@ -6,7 +6,8 @@ numerous teachers from the same model, then the same export.
 
 Steps: check every input → load → calibration (its training windows) → perplexity before → train
 (resumable) → reconstruct (optional refit of the kept down_proj and o_proj weights towards the merged model with
-the masks off, on the same windows) → perplexity after → export with the step log and trajectory plot.
+the masks off, on the first --refit-samples of its windows) → perplexity after → export with the step log and
+trajectory plot.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..options import validate
 from ..reconstruct import ReconstructConfig, reconstruct
 from .options import PruningRunOptions
 from .prune import FINISHED
-from .steps import calibration_windows, load, measure, perplexity_change, perplexity_windows
+from .steps import calibration_windows, load, measure, perplexity_change, perplexity_windows, refit_windows
 
 
 @dataclass
@@ -47,15 +48,19 @@ def run(config: NutePruneRun) -> dict:
     windows = perplexity_windows(config.evaluation, config.data, model, tokenizer)
     calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
                                                settings.runtime.seed)
+    if config.reconstruction.reconstruct != "none":
+        refit_calibration, refit_summary = refit_windows(config.reconstruction, config.calibration, config.data,
+                                                         model, tokenizer, settings.runtime.seed, calibration)
     bf16 = settings.runtime.bf16
     evaluation = {"before": measure(model, tokenizer, windows, config.evaluation, bf16)} if windows is not None else {}
     clear_for_new_run(output, resume)
     result = nuteprune(model, settings, calibration=calibration, calibration_summary=summary, state_dir=output,
                        resume=resume)
     if config.reconstruction.reconstruct != "none":  # deterministic: a resumed run refits again
-        result.report["reconstruction"] = reconstruct(result.model, result.masks, calibration, config.reconstruction,
-                                                      heads=result.heads, micro_batch=settings.train_batch_size,
-                                                      bf16=bf16)
+        result.report["reconstruction"] = {
+            **reconstruct(result.model, result.masks, refit_calibration, config.reconstruction, heads=result.heads,
+                          micro_batch=settings.train_batch_size, bf16=bf16),
+            "calibration": refit_summary}
     if windows is not None:
         evaluation["after"] = measure(result.model, tokenizer, windows, config.evaluation, bf16)
     report = {**result.report, "source_model": config.model.model, "evaluation": evaluation}

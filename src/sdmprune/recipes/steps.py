@@ -9,12 +9,13 @@ import time
 import torch
 from torch import nn
 
-from ..data import load_calibration, load_text
+from ..data import extend_calibration, load_calibration, load_text
 from ..data.text import data_dir as local_data_dir
 from ..data.text import hub_reachable
 from ..distributed import is_main
 from ..evaluation.perplexity import perplexity, tokenize_windows
 from ..models import load_model
+from ..reconstruct import ReconstructConfig
 from .options import CalibrationOptions, DataOptions, ModelOptions, PerplexityOptions
 
 
@@ -52,12 +53,26 @@ def measure(model: nn.Module, tokenizer, windows: torch.Tensor, options: Perplex
     return {"data": "wikitext2" if options.ppl_data == "auto" else options.ppl_data, **result}
 
 
+def _source(options: CalibrationOptions, data: DataOptions, model: nn.Module) -> dict:
+    """`load_calibration`'s keyword options for --calib."""
+    return {"model": model, "data_dir": data.data_dir, "temperature": options.calib_temperature,
+            "top_p": options.calib_top_p}
+
+
 def calibration_windows(options: CalibrationOptions, data: DataOptions, model: nn.Module, tokenizer, seed: int
                         ) -> tuple[torch.Tensor, dict]:
     """`(windows (N, S), summary)` from --calib and its options."""
     return load_calibration(options.calib, tokenizer, n_samples=options.calib_samples, seq_len=options.calib_seq_len,
-                            seed=seed, model=model, data_dir=data.data_dir, temperature=options.calib_temperature,
-                            top_p=options.calib_top_p)
+                            seed=seed, **_source(options, data, model))
+
+
+def refit_windows(reconstruction: ReconstructConfig, options: CalibrationOptions, data: DataOptions,
+                  model: nn.Module, tokenizer, seed: int, calibration: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """`(windows (--refit-samples, S), summary)` for the reconstruction: the first of the `calibration` windows
+    (N, S), then more of --calib where --refit-samples asks for more (`extend_calibration`)."""
+    wanted = reconstruction.refit_samples or calibration.shape[0]
+    return extend_calibration(calibration, wanted, options.calib, tokenizer, seed=seed,
+                              **_source(options, data, model))
 
 
 def perplexity_change(evaluation: dict) -> str:
