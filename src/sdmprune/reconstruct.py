@@ -372,6 +372,7 @@ class _LinearRefit:
         linear = self.masks.linears[self.layer]
         self.kept = torch.nonzero(self.masks.channel_mask(self.layer)).flatten()
         self.weight = linear.weight.detach().double()  # (out, in)
+        self.product_weight = self.weight  # the weight in the inputs' dtype (fp32 for 16-bit inputs), cast once
         shape = (self.kept.numel(), self.weight.shape[0], self.weight.device)
         self.stats = RefitStatistics.zeros(*shape)  # the tokens the refit is fitted on (all without a holdout)
         self.held = RefitStatistics.zeros(*shape) if self.holdout else None
@@ -383,7 +384,9 @@ class _LinearRefit:
         layer and `before_mlp` the pruned stream before its MLP (tokens, H), fp64 (the latter only with drift);
         `held` (tokens,) bool: the held-out tokens (None: none)."""
         u = self.inputs.take()
-        goal = (u @ self.weight.to(u.dtype).T).double()
+        if self.product_weight.dtype != u.dtype:
+            self.product_weight = self.weight.to(u.dtype)
+        goal = (u @ self.product_weight.T).double()
         if self.drift > 0:
             goal = (1 - self.drift) * goal + self.drift * (following - before_mlp)
         u = u[:, self.kept]

@@ -284,7 +284,8 @@ def run(config: CompressRun) -> dict:
             windows.append((options, text_windows))
     calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
                                                pruning.runtime.seed)
-    if any(stage["stage"] == "reconstruct" for stage in stages):
+    names_in_plan = [stage["stage"] for stage in stages]
+    if "reconstruct" in names_in_plan:
         refit_calibration, refit_summary = refit_windows(config.reconstruction, config.calibration, config.data,
                                                          model, tokenizer, pruning.runtime.seed, calibration)
     data = recovery_data(config, model, tokenizer) if config.source.recover_data != "none" else None
@@ -328,7 +329,6 @@ def run(config: CompressRun) -> dict:
         memory.reset()
         return time.perf_counter()
 
-    names_in_plan = [s["stage"] for s in stages]
     started = begin(1, "calibrate")
     if data is not None and config.source.recover_teacher == "cached" and "calibrate" not in progress["done"]:
         reports["calibrate"] = {"teacher_cache": cache_teacher(
