@@ -64,10 +64,13 @@ METHODS: dict[str, dict] = {
     "sdmprune-fisher": {**PRESET, "importance": "fisher"},
     "sdmprune-activation-wanda": PRESET,
     "sdmprune-activation-wanda+bias": {**PRESET, "bias_compensation": True},
+    "sdmprune-weight-wanda": {**PRESET, "importance": "weight-wanda"},  # the preset's mean with the paper's Taylor
     # The preset over 4 prune-and-rescore steps (+ cold start) with the dense teacher (masks off) and with the
     # progressive one (the student of the previous step): both hold one model in memory.
     "sdmprune-steps4": {**PRESET, "steps": 4},
     "sdmprune-progressive": {**PRESET, "steps": 4, "teacher": "progressive", "teacher_lag": 1},
+    # The preset over 4 steps with the default refit between them: each step scores the refitted model.
+    "sdmprune-steps4-refit": {**PRESET, "steps": 4, "refit_between_steps": True},
     # NutePrune: learned masks over key/value groups and MLP neurons (widths and head counts differ per layer),
     # LoRA merged; trained on NUTEPRUNE_WINDOWS windows, one per step.
     "nuteprune": {"method": "nuteprune", "train_steps": 500},
@@ -101,9 +104,10 @@ REFITS = {
     "sequential-holdout4": ReconstructConfig("sequential", refit_candidates=4, refit_samples=None),  # a 4th damping: 3
     "sequential-holdout-128": ReconstructConfig("sequential", refit_samples=128),  # 128 windows: the scoring ones, more
 }
-REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda",
+REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda", "sdmprune-weight-wanda",
             "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
-            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune")
+            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune", "sdmprune-steps4",
+            "sdmprune-steps4-refit")
 REFIT_MICRO_BATCH = 4
 NUTEPRUNE_WINDOWS = 500
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap", "flap-global")
@@ -219,9 +223,18 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
     model, tokenizer = load_model(args.model)
     settings = dict(METHODS[method])
     learned = settings.pop("method", None) == "nuteprune"
+    refit_between_steps = settings.pop("refit_between_steps", False)
     config = {**settings, "ratio": ratio, "seed": seed, "bf16": args.bf16}
     calibration, summary = load_calibration(args.calib, tokenizer, n_samples=NUTEPRUNE_WINDOWS if learned else
                                             args.calib_samples, seq_len=args.calib_seq_len, seed=seed, model=model)
+    between_steps = None
+    if refit_between_steps:  # the default refit (its windows drawn before the clock starts, as for the refits below)
+        between_windows, _ = extend_calibration(calibration, REFITS["sequential-holdout-128"].refit_samples,
+                                                args.calib, tokenizer, seed=seed, model=model)
+
+        def between_steps(masks):
+            return reconstruct(model, masks, between_windows, REFITS["sequential-holdout-128"],
+                               micro_batch=REFIT_MICRO_BATCH, bf16=args.bf16)
     start = time.perf_counter()
     with PeakUse() as memory:
         if learned:
@@ -229,7 +242,8 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
             model = result.model
             plot_trajectory(result.log, args.results.parent / f"{args.results.stem}-{method}-{ratio}-{seed}.png")
         else:
-            result = prune(model, calibration=calibration, calibration_summary=summary, **config)
+            result = prune(model, calibration=calibration, calibration_summary=summary, between_steps=between_steps,
+                           **config)
     seconds = time.perf_counter() - start
     if learned:
         training = result.report["training"]

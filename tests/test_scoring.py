@@ -125,18 +125,28 @@ def per_window_losses(model, teacher_model, ids, alpha, temperature):
         yield (1 - alpha) * ce + alpha * hand_kl(logits, teacher, temperature)
 
 
-def test_sdmprune_importance_by_hand():
+@pytest.mark.parametrize("importance", ["weight", "weight-wanda"])
+def test_sdmprune_importance_by_hand(importance):
     model, ids = tiny_model("mistral"), calibration()
     dense_copy = tiny_model("mistral")  # same seed: the dense teacher, built independently
     masks = half_masks(model)
-    scores = distillation_scores(model, masks, ids, "weight")
-    expected = [torch.zeros(64) for _ in range(2)]
+    scores = distillation_scores(model, masks, ids, importance)
+    taylor, squares = ([torch.zeros(64) for _ in range(2)] for _ in range(2))
+    captured = []
+    handles = [mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0])) for mlp in mlps(model)]
     for loss in per_window_losses(model, dense_copy, ids, 0.4, 0.5):
         for layer, mlp in enumerate(mlps(model)):
             gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
             g_gate, g_up, g_down = torch.autograd.grad(loss, (gate, up, down), retain_graph=True)
             # products added at aligned (i, j) before |.|, |.| per window, mean over the hidden index j
-            expected[layer] += (g_gate * gate + g_up * up + (g_down * down).T).abs().mean(1).detach()
+            taylor[layer] += (g_gate * gate + g_up * up + (g_down * down).T).abs().mean(1).detach()
+            squares[layer] += captured[layer].detach()[0].pow(2).sum(0)  # the student's down_proj input (S, I)
+        captured[:] = []
+    for handle in handles:
+        handle.remove()
+    downs = [mlp.down_proj.weight.detach() for mlp in mlps(model)]
+    expected = taylor if importance == "weight" else [
+        (t * sq.sqrt() * down.abs().mean(0)).sqrt() for t, sq, down in zip(taylor, squares, downs, strict=True)]
     for layer in range(2):
         keep = masks.keep[layer]
         torch.testing.assert_close(scores[layer][keep], expected[layer][keep], rtol=1e-4, atol=1e-9)

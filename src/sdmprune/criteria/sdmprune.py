@@ -12,11 +12,15 @@ down_proj input) and g = ∂L/∂a under the same loss, over calibration tokens 
 - `activation`: Σ_t |a_t·g_t|, the first-order estimate of the loss change from removing the neuron at t;
 - `fisher`: Σ_t (a_t·g_t)², its empirical-Fisher second-order counterpart;
 - `activation-wanda`: the geometric mean of `activation` and structured Wanda's ‖a‖₂·mean|W_down[:, i]|,
-  which joins the distillation gradient with the activation statistics Wanda relies on.
+  which joins the distillation gradient with the activation statistics Wanda relies on;
+- `weight-wanda`: the same geometric mean with the paper's weight-space Taylor score in place of `activation`
+  (‖a‖₂ from the same passes).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +42,8 @@ from .registry import CRITERIA, Criterion, ScoringContext, Step
 from .wanda_sp import structured_wanda
 
 ACTIVATION_IMPORTANCES = ("activation", "fisher", "activation-wanda")
-IMPORTANCES = ("activation-wanda", "weight", "activation", "fisher")
+WEIGHT_IMPORTANCES = ("weight", "weight-wanda")  # |.| of each micro-batch's weight gradients: not under FSDP
+IMPORTANCES = ("activation-wanda", "weight", "activation", "fisher", "weight-wanda")
 # Official SDMPrune (α, T) per target ratio of total parameters (METHOD.md); the nearest is used.
 OFFICIAL_DISTILLATION = {0.2: (0.4, 0.2), 0.3: (0.42, 0.5), 0.4: (0.1, 0.2)}
 
@@ -59,7 +64,8 @@ class SDMPrune(Criterion):
         "activation-wanda (recommended, see bench/results/quality.md) = geometric mean of the activation Taylor "
         "score and structured Wanda's | weight = the paper's weight-space Taylor (faithful SDMPrune) | "
         "activation = sum over tokens of |a*dL/da| at the neuron's output | fisher = sum over tokens of "
-        "(a*dL/da)^2", choices=IMPORTANCES))
+        "(a*dL/da)^2 | weight-wanda = geometric mean of the weight-space Taylor score and structured Wanda's",
+        choices=IMPORTANCES))
     teacher: Teacher = registered(TEACHERS, "masks-off", "the teacher of the self-distillation loss")
 
     def validate(self) -> None:
@@ -103,12 +109,16 @@ class SDMPrune(Criterion):
         if self.importance in ACTIVATION_IMPORTANCES:
             return self.activation_importance(context, description, distillation)
         if is_sharded(context.model):
-            raise SdmpruneError("--importance weight takes |.| of each micro-batch's own weight gradient, which FSDP "
-                                "sums over processes before anyone sees it: drop --fsdp, or use an activation-space "
+            raise SdmpruneError(f"--importance {self.importance} takes |.| of each micro-batch's own weight gradient, "
+                                "which FSDP sums over processes before anyone sees it: drop --fsdp, or use an "
+                                "activation-space "
                                 f"importance ({', '.join(ACTIVATION_IMPORTANCES)}; activation-wanda is the default)")
         weights = mlp_weights(context)
-        scores = [torch.zeros(gate.shape[0], dtype=torch.float32, device=gate.device) for gate, _, _ in weights]
-        with gradients_on_mlp_only(context.model, weights):
+        scores, squares = (
+            [torch.zeros(gate.shape[0], dtype=torch.float32, device=gate.device) for gate, _, _ in weights]
+            for _ in range(2)
+        )
+        with gradients_on_mlp_only(context.model, weights), down_input_squares(context, squares):
             for _ in loss_backward_passes(context, description, distillation):
                 with torch.no_grad():
                     for score, (gate, up, down) in zip(scores, weights, strict=True):
@@ -116,8 +126,11 @@ class SDMPrune(Criterion):
                         score += product.float().abs().mean(dim=1)
                         for weight in (gate, up, down):
                             weight.grad = None
-        all_reduce_sum(scores)
-        return scores
+        all_reduce_sum(scores + squares)
+        if self.importance == "weight":
+            return scores
+        return [(taylor * structured_wanda(down, sq.sqrt())).sqrt()
+                for taylor, sq, down in zip(scores, squares, effective_downs(context), strict=True)]
 
     def activation_importance(self, context: ScoringContext, description: str,
                               distillation: Distillation) -> list[torch.Tensor]:
@@ -137,7 +150,35 @@ class SDMPrune(Criterion):
             return first_order
         if self.importance == "fisher":
             return second_order
-        architecture = context.masks.architecture
-        downs = [architecture.projections(mlp)[2].weight for mlp in architecture.mlps(context.model)]
-        return [(taylor * structured_wanda(gathered(down), sq.sqrt())).sqrt()
-                for taylor, sq, down in zip(first_order, squares, downs, strict=True)]
+        return [(taylor * structured_wanda(down, sq.sqrt())).sqrt()
+                for taylor, sq, down in zip(first_order, squares, effective_downs(context), strict=True)]
+
+
+def effective_downs(context: ScoringContext) -> list[torch.Tensor]:
+    """Each layer's down_proj weight (H, I) as the masked model computes with it: a refit held in the masks (a
+    refit between steps), else the layer's own (gathered under FSDP)."""
+    masks = context.masks
+    return [gathered(linear.weight) if refit is None else refit
+            for linear, refit in zip(masks.linears, masks.weight, strict=True)]
+
+
+@contextmanager
+def down_input_squares(context: ScoringContext, squares: list[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, add Σ_t a_t² of each layer's down_proj input (the student's passes only) to the (I,)
+    `squares`."""
+    architecture = context.masks.architecture
+
+    def accumulate(layer: int):
+        def hook(module, args):
+            if args[0].requires_grad:  # not the masks-off teacher's pass
+                squares[layer] += args[0].detach().float().pow(2).flatten(0, -2).sum(0)
+
+        return hook
+
+    handles = [architecture.projections(mlp)[2].register_forward_pre_hook(accumulate(layer))
+               for layer, mlp in enumerate(architecture.mlps(context.model))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

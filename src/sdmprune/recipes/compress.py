@@ -24,6 +24,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, clear_for_new_run, prepare_output
 from ..config import LoraOptions, RuntimeOptions, TrainingOptions
+from ..criteria.sdmprune import WEIGHT_IMPORTANCES
 from ..data import load_calibration
 from ..errors import SdmpruneError
 from ..evaluation.tasks import evaluate_tasks, parse_task_names, resolve_tasks
@@ -167,7 +168,8 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     # base counts them twice). A stage's peak also holds what earlier stages left on the heap, not modelled here.
     extra = {
         "calibrate": 3 * eval_logits,
-        "prune": weight_bytes * (2 if getattr(pruning.criterion, "importance", "") == "weight" else 1) + 3 * logits,
+        "prune": weight_bytes * (2 if getattr(pruning.criterion, "importance", "") in WEIGHT_IMPORTANCES else 1)
+        + 3 * logits,
         # one layer's fp64 Gram at a time, two with held-out windows
         "reconstruct": weight_bytes + 8 * width**2 * (1 + (config.reconstruction.refit_holdout > 0)),
         # fp32 logits of a window live in ~16 copies (student, teacher, softmaxes, gradients)
