@@ -69,8 +69,6 @@ METHODS: dict[str, dict] = {
     # progressive one (the student of the previous step): both hold one model in memory.
     "sdmprune-steps4": {**PRESET, "steps": 4},
     "sdmprune-progressive": {**PRESET, "steps": 4, "teacher": "progressive", "teacher_lag": 1},
-    # The preset over 4 steps with the default refit between them: each step scores the refitted model.
-    "sdmprune-steps4-refit": {**PRESET, "steps": 4, "refit_between_steps": True},
     # NutePrune: learned masks over key/value groups and MLP neurons (widths and head counts differ per layer),
     # LoRA merged; trained on NUTEPRUNE_WINDOWS windows, one per step.
     "nuteprune": {"method": "nuteprune", "train_steps": 500},
@@ -106,8 +104,7 @@ REFITS = {
 }
 REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda", "sdmprune-weight-wanda",
             "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
-            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune", "sdmprune-steps4",
-            "sdmprune-steps4-refit")
+            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune", "sdmprune-steps4")
 REFIT_MICRO_BATCH = 4
 NUTEPRUNE_WINDOWS = 500
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap", "flap-global")
@@ -223,18 +220,9 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
     model, tokenizer = load_model(args.model)
     settings = dict(METHODS[method])
     learned = settings.pop("method", None) == "nuteprune"
-    refit_between_steps = settings.pop("refit_between_steps", False)
     config = {**settings, "ratio": ratio, "seed": seed, "bf16": args.bf16}
     calibration, summary = load_calibration(args.calib, tokenizer, n_samples=NUTEPRUNE_WINDOWS if learned else
                                             args.calib_samples, seq_len=args.calib_seq_len, seed=seed, model=model)
-    between_steps = None
-    if refit_between_steps:  # the default refit (its windows drawn before the clock starts, as for the refits below)
-        between_windows, _ = extend_calibration(calibration, REFITS["sequential-holdout-128"].refit_samples,
-                                                args.calib, tokenizer, seed=seed, model=model)
-
-        def between_steps(masks):
-            return reconstruct(model, masks, between_windows, REFITS["sequential-holdout-128"],
-                               micro_batch=REFIT_MICRO_BATCH, bf16=args.bf16)
     start = time.perf_counter()
     with PeakUse() as memory:
         if learned:
@@ -242,8 +230,7 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
             model = result.model
             plot_trajectory(result.log, args.results.parent / f"{args.results.stem}-{method}-{ratio}-{seed}.png")
         else:
-            result = prune(model, calibration=calibration, calibration_summary=summary, between_steps=between_steps,
-                           **config)
+            result = prune(model, calibration=calibration, calibration_summary=summary, **config)
     seconds = time.perf_counter() - start
     if learned:
         training = result.report["training"]

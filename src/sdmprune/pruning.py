@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,19 +60,17 @@ def prune(
     calibration_summary: dict | None = None,
     state_dir: str | Path | None = None,
     resume: bool = False,
-    between_steps: Callable[[NeuronMasks], dict] | None = None,
     **options,
 ) -> PruneResult:
     """Prune `model`'s MLP neurons by masking; keyword `options` (flat option names, as on the command line:
     `ratio=0.2, criterion="taylor", alpha=0.3`) update `config`.
 
     `calibration` is an (N, S) tensor of token ids for criteria that need data. With `state_dir`,
-    the run state is saved after every step there, and `resume=True` continues from it. `between_steps(masks)`
-    runs after every step but the last (`run_schedule`).
+    the run state is saved after every step there, and `resume=True` continues from it.
     """
     config = build(PruneConfig, options, base=config)
     validate(config)
     masks, report = run_schedule(
-        model, config, calibration, calibration_summary, Path(state_dir) if state_dir else None, resume, between_steps
+        model, config, calibration, calibration_summary, Path(state_dir) if state_dir else None, resume
     )
     return PruneResult(masks, report)

@@ -10,7 +10,6 @@ resumes exactly.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,13 +67,8 @@ def run_schedule(
     calibration_summary: dict | None = None,
     state_dir: Path | None = None,
     resume: bool = False,
-    between_steps: Callable[[NeuronMasks], dict] | None = None,
 ) -> tuple[NeuronMasks, dict]:
-    """Run every step of the plan on `model` (masks attached), resuming from `state_dir` if asked.
-
-    `between_steps(masks)`, if given, runs after every step but the last (a refit of the kept weights, so that the
-    next step scores the refitted model); it must be deterministic, since a resumed run calls it again on the
-    restored masks. Its reports go into the step log."""
+    """Run every step of the plan on `model` (masks attached), resuming from `state_dir` if asked."""
     count = count_parameters(model)
     steps = check_plan(model, config)
     compensate = uses_bias_compensation(config, model)
@@ -100,8 +94,6 @@ def run_schedule(
         restore_rng(tensors)
     context = ScoringContext(model, masks, calibration, config.runtime.seed, micro_batch=config.micro_batch,
                              bf16=config.runtime.bf16)
-    if between_steps is not None and 0 < done < len(steps):
-        between_steps(masks)
     for index, step in enumerate(steps[done:], start=done):
         start = time.perf_counter()
         run.history.append(list(masks.keep))  # masks.update replaces the tensors: no copy needed
@@ -111,11 +103,6 @@ def run_schedule(
         masks.update(broadcast_masks(keep_top(scores, widths)))  # rank 0 decides for every process
         log.append({"step": index + 1, "stage": step.stage, **step.settings, "widths": widths,
                     "seconds": round(time.perf_counter() - start, 3)})
-        if between_steps is not None and index + 1 < len(steps):
-            start = time.perf_counter()
-            refit = between_steps(masks)
-            log[-1]["between_steps"] = {"seconds": round(time.perf_counter() - start, 3),
-                                        **{k: v for k, v in refit.items() if k != "layers"}}
         checkpoint.save(settings, {"steps_done": index + 1, "log": log}, _state_tensors(masks, scores, run.history))
     if compensate:
         compensate_bias(context)

@@ -20,7 +20,7 @@ down_proj input) and g = ∂L/∂a under the same loss, over calibration tokens 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -118,7 +118,9 @@ class SDMPrune(Criterion):
             [torch.zeros(gate.shape[0], dtype=torch.float32, device=gate.device) for gate, _, _ in weights]
             for _ in range(2)
         )
-        with gradients_on_mlp_only(context.model, weights), down_input_squares(context, squares):
+        wanda = self.importance == "weight-wanda"
+        with gradients_on_mlp_only(context.model, weights), (
+                down_input_squares(context, squares) if wanda else nullcontext()):
             for _ in loss_backward_passes(context, description, distillation):
                 with torch.no_grad():
                     for score, (gate, up, down) in zip(scores, weights, strict=True):
@@ -126,11 +128,11 @@ class SDMPrune(Criterion):
                         score += product.float().abs().mean(dim=1)
                         for weight in (gate, up, down):
                             weight.grad = None
-        all_reduce_sum(scores + squares)
-        if self.importance == "weight":
+        all_reduce_sum(scores + (squares if wanda else []))
+        if not wanda:
             return scores
         return [(taylor * structured_wanda(down, sq.sqrt())).sqrt()
-                for taylor, sq, down in zip(scores, squares, effective_downs(context), strict=True)]
+                for taylor, sq, (_, _, down) in zip(scores, squares, weights, strict=True)]
 
     def activation_importance(self, context: ScoringContext, description: str,
                               distillation: Distillation) -> list[torch.Tensor]:
@@ -150,16 +152,10 @@ class SDMPrune(Criterion):
             return first_order
         if self.importance == "fisher":
             return second_order
-        return [(taylor * structured_wanda(down, sq.sqrt())).sqrt()
-                for taylor, sq, down in zip(first_order, squares, effective_downs(context), strict=True)]
-
-
-def effective_downs(context: ScoringContext) -> list[torch.Tensor]:
-    """Each layer's down_proj weight (H, I) as the masked model computes with it: a refit held in the masks (a
-    refit between steps), else the layer's own (gathered under FSDP)."""
-    masks = context.masks
-    return [gathered(linear.weight) if refit is None else refit
-            for linear, refit in zip(masks.linears, masks.weight, strict=True)]
+        architecture = context.masks.architecture
+        downs = [architecture.projections(mlp)[2].weight for mlp in architecture.mlps(context.model)]
+        return [(taylor * structured_wanda(gathered(down), sq.sqrt())).sqrt()
+                for taylor, sq, down in zip(first_order, squares, downs, strict=True)]
 
 
 @contextmanager
