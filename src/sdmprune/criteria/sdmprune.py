@@ -111,8 +111,8 @@ class SDMPrune(Criterion):
         if is_sharded(context.model):
             raise SdmpruneError(f"--importance {self.importance} takes |.| of each micro-batch's own weight gradient, "
                                 "which FSDP sums over processes before anyone sees it: drop --fsdp, or use an "
-                                "activation-space "
-                                f"importance ({', '.join(ACTIVATION_IMPORTANCES)}; activation-wanda is the default)")
+                                f"activation-space importance ({', '.join(ACTIVATION_IMPORTANCES)}; activation-wanda "
+                                "is the default)")
         weights = mlp_weights(context)
         scores, squares = (
             [torch.zeros(gate.shape[0], dtype=torch.float32, device=gate.device) for gate, _, _ in weights]
