@@ -157,7 +157,7 @@ def kill_in(stage: str, teacher: str, monkeypatch) -> None:
 
         monkeypatch.setattr(finetune_module, "save_training_state", save_then_die)
     else:
-        target = {"reconstruct": "reconstruct", "evaluate": "evaluate_tasks", "export": "export_pruned"}[stage]
+        target = {"reconstruct": "reconstruct_on", "evaluate": "evaluate_tasks", "export": "export_pruned"}[stage]
         monkeypatch.setattr(compress, target, lambda *a, **k: (_ for _ in ()).throw(Killed))
 
 

@@ -114,11 +114,9 @@ class SDMPrune(Criterion):
                                 f"activation-space importance ({', '.join(ACTIVATION_IMPORTANCES)}; activation-wanda "
                                 "is the default)")
         weights = mlp_weights(context)
-        scores, squares = (
-            [torch.zeros(gate.shape[0], dtype=torch.float32, device=gate.device) for gate, _, _ in weights]
-            for _ in range(2)
-        )
+        scores = [torch.zeros(gate.shape[0], dtype=torch.float32, device=gate.device) for gate, _, _ in weights]
         wanda = self.importance == "weight-wanda"
+        squares = [torch.zeros_like(score) for score in scores] if wanda else []
         with gradients_on_mlp_only(context.model, weights), (
                 down_input_squares(context, squares) if wanda else nullcontext()):
             for _ in loss_backward_passes(context, description, distillation):
@@ -128,7 +126,7 @@ class SDMPrune(Criterion):
                         score += product.float().abs().mean(dim=1)
                         for weight in (gate, up, down):
                             weight.grad = None
-        all_reduce_sum(scores + (squares if wanda else []))
+        all_reduce_sum(scores + squares)
         if not wanda:
             return scores
         return [(taylor * structured_wanda(down, sq.sqrt())).sqrt()

@@ -33,7 +33,7 @@ from ..lora import attach_lora
 from ..masks import NeuronMasks, count_parameters
 from ..options import described, to_dict, validate
 from ..pruning import PruneConfig, prune
-from ..reconstruct import ReconstructConfig, reconstruct
+from ..reconstruct import ReconstructConfig
 from ..recovery.cached_teacher import CachedTeacher, cache_teacher
 from ..recovery.data import load_instructions, text_windows, tokenize_dataset
 from ..recovery.finetune import RecoveryOptions, run_teacher, train
@@ -42,7 +42,7 @@ from ..runtime import PeakMemory, context_length, use_bf16
 from ..schedule import check_plan
 from .options import PerplexityOptions, PruningRunOptions, TaskOptions
 from .prune import FINISHED
-from .steps import calibration_windows, load, measure, perplexity_windows, refit_windows, say
+from .steps import calibration_windows, load, measure, perplexity_windows, reconstruct_on, refit_windows, say
 
 STAGES = ("calibrate", "prune", "reconstruct", "recover", "evaluate", "export")
 STAGE_MODELS = "stage-models"  # --export-stages: OUTPUT/stage-models/{pruned,reconstructed}
@@ -288,8 +288,8 @@ def run(config: CompressRun) -> dict:
                                                pruning.runtime.seed)
     names_in_plan = [stage["stage"] for stage in stages]
     if "reconstruct" in names_in_plan:
-        refit_calibration, refit_summary = refit_windows(config.reconstruction, config.calibration, config.data,
-                                                         model, tokenizer, pruning.runtime.seed, calibration)
+        windows_to_refit = refit_windows(config.reconstruction, config.calibration, config.data, model, tokenizer,
+                                         pruning.runtime.seed, calibration)
     data = recovery_data(config, model, tokenizer) if config.source.recover_data != "none" else None
     clear_for_new_run(output, resume)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -348,9 +348,8 @@ def run(config: CompressRun) -> dict:
 
     if "reconstruct" in names_in_plan:
         started = begin(names_in_plan.index("reconstruct") + 1, "reconstruct")
-        reports["reconstruct"] = {**reconstruct(model, masks, refit_calibration, config.reconstruction,
-                                                micro_batch=pruning.micro_batch, bf16=bf16),
-                                  "calibration": refit_summary}
+        reports["reconstruct"] = reconstruct_on(model, masks, windows_to_refit, config.reconstruction,
+                                                micro_batch=pruning.micro_batch, bf16=bf16)
         finish("reconstruct", started, "reconstructed")
         export_stage("reconstructed", masks, {**result.report, "reconstruction": reports["reconstruct"]})
 

@@ -20,10 +20,18 @@ from ..errors import SdmpruneError
 from ..export import export_pruned
 from ..nuteprune import NutePruneConfig, nuteprune, write_training_outputs
 from ..options import validate
-from ..reconstruct import ReconstructConfig, reconstruct
+from ..reconstruct import ReconstructConfig
 from .options import PruningRunOptions
 from .prune import FINISHED
-from .steps import calibration_windows, load, measure, perplexity_change, perplexity_windows, refit_windows
+from .steps import (
+    calibration_windows,
+    load,
+    measure,
+    perplexity_change,
+    perplexity_windows,
+    reconstruct_on,
+    refit_windows,
+)
 
 
 @dataclass
@@ -49,18 +57,17 @@ def run(config: NutePruneRun) -> dict:
     calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
                                                settings.runtime.seed)
     if config.reconstruction.reconstruct != "none":
-        refit_calibration, refit_summary = refit_windows(config.reconstruction, config.calibration, config.data,
-                                                         model, tokenizer, settings.runtime.seed, calibration)
+        windows_to_refit = refit_windows(config.reconstruction, config.calibration, config.data, model, tokenizer,
+                                         settings.runtime.seed, calibration)
     bf16 = settings.runtime.bf16
     evaluation = {"before": measure(model, tokenizer, windows, config.evaluation, bf16)} if windows is not None else {}
     clear_for_new_run(output, resume)
     result = nuteprune(model, settings, calibration=calibration, calibration_summary=summary, state_dir=output,
                        resume=resume)
     if config.reconstruction.reconstruct != "none":  # deterministic: a resumed run refits again
-        result.report["reconstruction"] = {
-            **reconstruct(result.model, result.masks, refit_calibration, config.reconstruction, heads=result.heads,
-                          micro_batch=settings.train_batch_size, bf16=bf16),
-            "calibration": refit_summary}
+        result.report["reconstruction"] = reconstruct_on(result.model, result.masks, windows_to_refit,
+                                                         config.reconstruction, heads=result.heads,
+                                                         micro_batch=settings.train_batch_size, bf16=bf16)
     if windows is not None:
         evaluation["after"] = measure(result.model, tokenizer, windows, config.evaluation, bf16)
     report = {**result.report, "source_model": config.model.model, "evaluation": evaluation}

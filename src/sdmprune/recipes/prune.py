@@ -19,10 +19,18 @@ from ..export import export_pruned, unshard_for_export
 from ..masks import count_parameters
 from ..options import validate
 from ..pruning import PruneConfig, prune
-from ..reconstruct import ReconstructConfig, reconstruct
+from ..reconstruct import ReconstructConfig
 from ..schedule import check_plan, needs_calibration
 from .options import ParallelOptions, PruningRunOptions
-from .steps import calibration_windows, load, measure, perplexity_change, perplexity_windows, refit_windows
+from .steps import (
+    calibration_windows,
+    load,
+    measure,
+    perplexity_change,
+    perplexity_windows,
+    reconstruct_on,
+    refit_windows,
+)
 
 FINISHED = "pruning.json"
 
@@ -58,9 +66,8 @@ def run(config: PruneRun) -> dict:
             calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
                                                        pruning.runtime.seed)
             if refit != "none":
-                refit_calibration, refit_summary = refit_windows(config.reconstruction, config.calibration,
-                                                                 config.data, model, tokenizer, pruning.runtime.seed,
-                                                                 calibration)
+                windows_to_refit = refit_windows(config.reconstruction, config.calibration, config.data, model,
+                                                 tokenizer, pruning.runtime.seed, calibration)
         except SdmpruneError as error:
             if needs_calibration(pruning, model):
                 raise
@@ -73,10 +80,8 @@ def run(config: PruneRun) -> dict:
     result = prune(model, pruning, calibration=calibration, calibration_summary=summary, state_dir=output,
                    resume=resume)
     if refit != "none":  # deterministic: a resumed run refits again
-        result.report["reconstruction"] = {
-            **reconstruct(model, result.masks, refit_calibration, config.reconstruction,
-                          micro_batch=pruning.micro_batch, bf16=pruning.runtime.bf16),
-            "calibration": refit_summary}
+        result.report["reconstruction"] = reconstruct_on(model, result.masks, windows_to_refit, config.reconstruction,
+                                                         micro_batch=pruning.micro_batch, bf16=pruning.runtime.bf16)
     if windows is not None:
         evaluation["after"] = measure(model, tokenizer, windows, config.evaluation, pruning.runtime.bf16)
     report = {**result.report, "source_model": config.model.model, "evaluation": evaluation}

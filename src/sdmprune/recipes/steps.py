@@ -14,8 +14,9 @@ from ..data.text import data_dir as local_data_dir
 from ..data.text import hub_reachable
 from ..distributed import is_main
 from ..evaluation.perplexity import perplexity, tokenize_windows
+from ..masks import NeuronMasks
 from ..models import load_model
-from ..reconstruct import ReconstructConfig
+from ..reconstruct import ReconstructConfig, reconstruct
 from .options import CalibrationOptions, DataOptions, ModelOptions, PerplexityOptions
 
 
@@ -73,6 +74,14 @@ def refit_windows(reconstruction: ReconstructConfig, options: CalibrationOptions
     wanted = reconstruction.refit_samples or calibration.shape[0]
     return extend_calibration(calibration, wanted, options.calib, tokenizer, seed=seed,
                               **_source(options, data, model))
+
+
+def reconstruct_on(model: nn.Module, masks: NeuronMasks, windows: tuple[torch.Tensor, dict], config: ReconstructConfig,
+          **options) -> dict:
+    """`reconstruct` on the `(windows, summary)` of `refit_windows` (`options`: its keywords); its report, with the
+    summary under "calibration"."""
+    ids, summary = windows
+    return {**reconstruct(model, masks, ids, config, **options), "calibration": summary}
 
 
 def perplexity_change(evaluation: dict) -> str:
