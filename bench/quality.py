@@ -91,8 +91,8 @@ METHODS: dict[str, dict] = {
 }
 # Reconstruction after the masks (`--reconstruct`, sdmprune.reconstruct): record "<method>+<refit>" holds the same
 # masks as record "<method>" with the kept down_proj weights refitted. Refit name -> its settings: the first two fix
-# the damping (the records made before the held-out choice existed), the last is the package's default.
-# All but the last on the scoring windows (refit_samples None).
+# the damping (the records made before the held-out choice existed); "sequential-holdout-128" is the package's default.
+# The "-128" ones on 128 windows, the others on the scoring windows (refit_samples None).
 REFITS = {
     "one-shot": ReconstructConfig("one-shot", refit_holdout=0, refit_samples=None),
     "sequential": ReconstructConfig("sequential", refit_holdout=0, refit_samples=None),
@@ -101,6 +101,7 @@ REFITS = {
     "sequential-holdout": ReconstructConfig("sequential", refit_samples=None),
     "sequential-holdout4": ReconstructConfig("sequential", refit_candidates=4, refit_samples=None),  # a 4th damping: 3
     "sequential-holdout-128": ReconstructConfig("sequential", refit_samples=128),  # 128 windows: the scoring ones, more
+    "sequential-holdout4-128": ReconstructConfig("sequential", refit_candidates=4, refit_samples=128),
 }
 REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda", "sdmprune-weight-wanda",
             "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
@@ -405,7 +406,8 @@ def markdown(results: dict) -> str:
         "the default `--refit-holdout 0.125`: each layer's damping (1e-4, 3e-3 or 0.1, or no refit) chosen on the "
         "last eighth of the windows, then solved on all of them; `+sequential-holdout4`: 3 as a fourth candidate "
         "(`--refit-candidates 4`); `+sequential-holdout-128` (the package's default): on 128 windows, the seed's "
-        "calibration windows and more of the same source (`--refit-samples 128`).",
+        "calibration windows and more of the same source (`--refit-samples 128`); `+sequential-holdout4-128`: the same "
+        "with the fourth damping.",
         "",
         "Commands: " + "; ".join(f"`{command}`" for command in results.get(
             "commands", ["SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py"])),
