@@ -102,6 +102,9 @@ REFITS = {
     "sequential-holdout4": ReconstructConfig("sequential", refit_candidates=4, refit_samples=None),  # a 4th damping: 3
     "sequential-holdout-128": ReconstructConfig("sequential", refit_samples=128),  # 128 windows: the scoring ones, more
     "sequential-holdout4-128": ReconstructConfig("sequential", refit_candidates=4, refit_samples=128),
+    # the default's three candidates (1e-4, 3e-3, 0.1) shifted up or down by a factor of 3 (the largest one named)
+    "sequential-holdout-128-top0.3": ReconstructConfig("sequential", damping=3e-4, refit_samples=128),
+    "sequential-holdout-128-top0.03": ReconstructConfig("sequential", damping=3e-5, refit_samples=128),
 }
 REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda", "sdmprune-weight-wanda",
             "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
@@ -407,7 +410,8 @@ def markdown(results: dict) -> str:
         "last eighth of the windows, then solved on all of them; `+sequential-holdout4`: 3 as a fourth candidate "
         "(`--refit-candidates 4`); `+sequential-holdout-128` (the package's default): on 128 windows, the seed's "
         "calibration windows and more of the same source (`--refit-samples 128`); `+sequential-holdout4-128`: the same "
-        "with the fourth damping.",
+        "with the fourth damping; `+sequential-holdout-128-top0.3` / `-top0.03`: the same with the three candidates "
+        "shifted up (3e-4, 9e-3, 0.3) or down (3e-5, 9e-4, 0.03) by a factor of 3 (`--damping 3e-4` / `3e-5`).",
         "",
         "Commands: " + "; ".join(f"`{command}`" for command in results.get(
             "commands", ["SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/quality.py"])),
