@@ -40,8 +40,11 @@ from sdmprune.data.calibration import load_documents
 from sdmprune.evaluation.perplexity import tokenize_windows
 from sdmprune.io import atomic_file
 from sdmprune.nuteprune import nuteprune, plot_trajectory
+from sdmprune.options import build
+from sdmprune.pruning import PruneConfig
 from sdmprune.reconstruct import ReconstructConfig, reconstruct
 from sdmprune.runtime import resolve_device, use_bf16
+from sdmprune.selection import prune_and_refit, selection_windows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perf_common import PeakMemory  # noqa: E402
@@ -65,6 +68,9 @@ METHODS: dict[str, dict] = {
     "sdmprune-activation-wanda": PRESET,
     "sdmprune-activation-wanda+bias": {**PRESET, "bias_compensation": True},
     "sdmprune-weight-wanda": {**PRESET, "importance": "weight-wanda"},  # the preset's mean with the paper's Taylor
+    # the preset and the paper's score, each scored and refitted, the one with the lower perplexity on further
+    # calibration windows kept (sdmprune.selection); records only with a refit ("<method>+<refit>")
+    "sdmprune-auto": {**PRESET, "importance": "auto"},
     # The preset over 4 prune-and-rescore steps (+ cold start) with the dense teacher (masks off) and with the
     # progressive one (the student of the previous step): both hold one model in memory.
     "sdmprune-steps4": {**PRESET, "steps": 4},
@@ -108,7 +114,8 @@ REFITS = {
 }
 REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda", "sdmprune-weight-wanda",
             "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
-            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune", "sdmprune-steps4")
+            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune", "sdmprune-steps4", "sdmprune-auto")
+CHOSEN = ("sdmprune-auto",)  # the choice among candidates runs with each refit: one record per refit, none without
 REFIT_MICRO_BATCH = 4
 NUTEPRUNE_WINDOWS = 500
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap", "flap-global")
@@ -219,6 +226,58 @@ class PeakUse:
                        "trimmed": True}
 
 
+def refit_record(report: dict, seconds: float, memory: dict) -> dict:
+    """A record's "refit" entry from `reconstruct`'s report."""
+    layers = report["layers"]
+    return {"seconds": round(seconds, 1), "memory": memory,
+            "settings": {k: report[k] for k in ("damping", "refit_holdout", "dampings_tried", "intercept",
+                                                "normalised", "drift") if k in report},
+            "mean_error_before": statistics.fmean(r["error_before"] for r in layers if "error_before" in r),
+            "mean_error_after": statistics.fmean(r["error_after"] for r in layers if "error_after" in r),
+            # with a holdout: how many layers chose each damping ("none": no refit)
+            "dampings": dict(collections.Counter("none" if r["damping"] is None else f"{r['damping']:g}"
+                                                 for r in layers if "damping" in r))}
+
+
+def windows_to_refit(args, refit: str, calibration: torch.Tensor, tokenizer, seed: int, model) -> torch.Tensor:
+    """The scoring windows (nuteprune: the first of its 500 training windows, as many as the scoring methods'),
+    then, where the refit asks for more, more of the same source."""
+    return extend_calibration(calibration[:args.calib_samples], REFITS[refit].refit_samples or args.calib_samples,
+                              args.calib, tokenizer, seed=seed, model=model)[0]
+
+
+def run_choice(args, method: str, config: dict, model, tokenizer, calibration, summary, windows: dict,
+               missing: list[str]) -> dict[str, dict]:
+    """`method` chooses among candidates (CHOSEN): one full choice per record in `missing`, each candidate's
+    evaluation-set perplexities recorded beside its selection-window one."""
+    selection, _ = selection_windows(args.calib, tokenizer, seq_len=args.calib_seq_len, seed=config["seed"],
+                                     model=model)
+    records = {}
+    for name in missing:
+        refit = base_method(name)[1].removeprefix("+")
+        start = time.perf_counter()
+        with PeakUse() as memory:
+            chosen = prune_and_refit(
+                model, build(PruneConfig, config), calibration=calibration, calibration_summary=summary,
+                refit=windows_to_refit(args, refit, calibration, tokenizer, config["seed"], model) if refit else None,
+                reconstruction=REFITS[refit] if refit else None, selection=selection, batch_size=REFIT_MICRO_BATCH,
+                inspect=lambda label: {"ppl": evaluate(model, tokenizer, windows, args.bf16)})
+        seconds = time.perf_counter() - start
+        result, choice = chosen.result, chosen.report
+        passes = len(result.report["steps"]) * len(choice["candidates"])  # every candidate runs the same plan
+        records[name] = {"method": name, "ratio": config["ratio"], "seed": config["seed"],
+                         "config": {**config, "reconstruct": refit or "none"}, "achieved": result.report["achieved"],
+                         "widths": result.masks.widths, "prune_seconds": round(seconds, 1),
+                         "threads": torch.get_num_threads(),
+                         "budget": {"passes": passes, "tokens": passes * summary["tokens"]}, "memory": memory.record,
+                         "selection": choice, "ppl": choice["candidates"][choice["chosen"]]["ppl"]}
+        if chosen.reconstruction is not None:  # the kept candidate's refit; prune_seconds holds every candidate's
+            records[name]["refit"] = refit_record(chosen.reconstruction, chosen.reconstruction["seconds"],
+                                                  memory.record)
+        result.masks.remove()
+    return records
+
+
 def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: list[str]) -> dict[str, dict]:
     """Prune with `method`; evaluate the records named in `missing` ("<method>" and "<method>+<refit>"): records."""
     model, tokenizer = load_model(args.model)
@@ -227,6 +286,8 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
     config = {**settings, "ratio": ratio, "seed": seed, "bf16": args.bf16}
     calibration, summary = load_calibration(args.calib, tokenizer, n_samples=NUTEPRUNE_WINDOWS if learned else
                                             args.calib_samples, seq_len=args.calib_seq_len, seed=seed, model=model)
+    if method in CHOSEN:
+        return run_choice(args, method, config, model, tokenizer, calibration, summary, windows, missing)
     start = time.perf_counter()
     with PeakUse() as memory:
         if learned:
@@ -259,29 +320,12 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
             continue
         masks.bias = list(compensation)
         start = time.perf_counter()
-        # the scoring windows (nuteprune: the first of its 500 training windows, as many as the scoring methods'),
-        # then, where the refit asks for more, more of the same source
-        windows_for_refit, _ = extend_calibration(calibration[:args.calib_samples],
-                                                  REFITS[refit].refit_samples or args.calib_samples, args.calib,
-                                                  tokenizer, seed=seed, model=model)
+        refit_ids = windows_to_refit(args, refit, calibration, tokenizer, seed, model)
         with PeakUse() as refit_memory:
-            report = reconstruct(model, masks, windows_for_refit, REFITS[refit],
-                                 heads=result.heads if learned else None, micro_batch=REFIT_MICRO_BATCH,
-                                 bf16=args.bf16)
-        layers = report["layers"]
+            report = reconstruct(model, masks, refit_ids, REFITS[refit], heads=result.heads if learned else None,
+                                 micro_batch=REFIT_MICRO_BATCH, bf16=args.bf16)
         records[name] = {**common, "method": name, "config": {**config, "reconstruct": refit},
-                         "refit": {"seconds": round(time.perf_counter() - start, 1), "memory": refit_memory.record,
-                                   "settings": {k: report[k] for k in ("damping", "refit_holdout", "dampings_tried",
-                                                                        "intercept", "normalised", "drift")
-                                                if k in report},
-                                   "mean_error_before": statistics.fmean(r["error_before"] for r in layers
-                                                                         if "error_before" in r),
-                                   "mean_error_after": statistics.fmean(r["error_after"] for r in layers
-                                                                        if "error_after" in r),
-                                   # with a holdout: how many layers chose each damping ("none": no refit)
-                                   "dampings": dict(collections.Counter(
-                                       "none" if r["damping"] is None else f"{r['damping']:g}"
-                                       for r in layers if "damping" in r))},
+                         "refit": refit_record(report, time.perf_counter() - start, refit_memory.record),
                          "ppl": evaluate(model, tokenizer, windows, args.bf16)}
     return records
 
@@ -394,7 +438,9 @@ def markdown(results: dict) -> str:
         "`sdmprune-*` are our variants of it (importance in activation space, +bias = FLAP's compensation "
         "added); `sdmprune-activation-wanda` is the recommended preset "
         "(`--importance activation-wanda`, the CLI default). Uniform widths for every scoring method but the "
-        "`-global` rows. "
+        "`-global` rows. `sdmprune-auto` (`--importance auto`): the preset and `sdmprune`'s score each run and "
+        "refitted, the one with the lower perplexity on further calibration windows kept (records only with a refit; "
+        "see its table). "
         "`sdmprune-steps4` / `sdmprune-progressive`: the preset over 4 prune-and-rescore steps with the dense "
         "teacher / with the previous step's student as teacher. `nuteprune`: masks learned over key/value groups "
         "and MLP neurons (widths and head counts differ per layer) with LoRA merged, trained on its own "
@@ -459,7 +505,30 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {method} | " + " | ".join("" if d is None else f"{d['mean']:+.2f} ± {d['std']:.2f} "
                                                            f"(n={d['n']})" for d in diffs) + " |")
             lines.append("")
-    return "\n".join(lines + cost_table(records))
+    return "\n".join(lines + choice_table(records, sets) + cost_table(records))
+
+
+def choice_table(records: dict, sets: dict[str, str]) -> list[str]:
+    """Per record of a choosing method (CHOSEN): each candidate's selection-window and evaluation-set perplexities,
+    the kept one in bold."""
+    chosen = sorted((key for key, record in records.items() if "selection" in record),
+                    key=lambda key: (records[key]["method"], records[key]["ratio"], records[key]["seed"]))
+    if not chosen:
+        return []
+    lines = ["## The choice of `--importance auto`", "",
+             "Each candidate scored, masked and refitted; kept: the lower perplexity on the selection windows "
+             "(further calibration windows, their own seed), in bold. Evaluation sets measured on every candidate "
+             "to check the choice.", "",
+             "| record | ratio | seed | candidate | selection PPL | " + " | ".join(sets.values()) + " |",
+             "|---|---|---|---|---|" + "---|" * len(sets)]
+    for key in chosen:
+        record = records[key]
+        for label, candidate in record["selection"]["candidates"].items():
+            mark = "**" if label == record["selection"]["chosen"] else ""
+            lines.append(f"| {record['method']} | {record['ratio']:.0%} | {record['seed']} | {mark}{label}{mark} | "
+                         f"{candidate['selection_ppl']:.2f} | "
+                         + " | ".join(f"{candidate['ppl'][name]['ppl']:.2f}" for name in sets) + " |")
+    return [*lines, ""]
 
 
 def cost_table(records: dict) -> list[str]:
@@ -570,7 +639,8 @@ def main(argv: list[str] | None = None) -> None:
     plan = [(m, r, s) for r in args.ratios for m in args.methods
             for s in (args.seeds[:1] if m in SEED_FREE else args.seeds)]
     for index, (method, ratio, seed) in enumerate(plan, 1):
-        wanted = [method] + ([f"{method}+{refit}" for refit in args.refits] if method in REFITTED else [])
+        refitted = [f"{method}+{refit}" for refit in args.refits] if method in REFITTED else []
+        wanted = (refitted or [method]) if method in CHOSEN else [method, *refitted]
         missing = [name for name in wanted if args.force or f"{name}|{ratio}|{seed}" not in results["records"]]
         if not missing:
             continue

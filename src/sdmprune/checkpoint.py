@@ -24,8 +24,10 @@ STATE_JSON, STATE_TENSORS = "run_state.json", "run_state.safetensors"
 
 
 def interrupted(output: Path, finished: str) -> bool:
-    """Whether `output` holds a run state without the run's final record `finished` (e.g. pruning.json)."""
-    return (output / STATE_JSON).is_file() and not (output / finished).is_file()
+    """Whether `output` holds a run state (in it, or in a subdirectory of it: one per candidate of `--importance
+    auto`) without the run's final record `finished` (e.g. pruning.json)."""
+    has_state = (output / STATE_JSON).is_file() or any(output.glob(f"*/{STATE_JSON}"))
+    return has_state and not (output / finished).is_file()
 
 
 def prepare_output(output: str | Path, *, overwrite: bool, resume: bool, finished: str) -> bool:

@@ -50,6 +50,13 @@ class ChannelMasks:
             if mask.shape != (linear.in_features // repeat,):
                 raise ValueError(f"layer {layer}: mask shape {tuple(mask.shape)} != ({linear.in_features // repeat},)")
             self.keep.append(mask.to(device=linear.weight.device))
+        self.attach()
+
+    def attach(self) -> None:
+        """Register the hooks (again, after `remove`): the model is masked by these masks."""
+        if self._handles:
+            raise RuntimeError("the masks are already attached")
+        for layer, linear in enumerate(self.linears):
             self._handles.append(linear.register_forward_pre_hook(self._hook(layer)))
             self._handles.append(linear.register_forward_hook(self._output_hook(layer)))
 

@@ -70,6 +70,9 @@ def prune(
     """
     config = build(PruneConfig, options, base=config)
     validate(config)
+    if len(candidates := config.criterion.candidates()) > 1:
+        raise SdmpruneError(f"choosing among {', '.join(candidates)} (--importance auto) needs the refit and held-out "
+                            "windows: use sdmprune.selection.prune_and_refit (the prune recipe), or name one")
     masks, report = run_schedule(
         model, config, calibration, calibration_summary, Path(state_dir) if state_dir else None, resume
     )

@@ -74,6 +74,12 @@ class Criterion(Named):
     def score(self, context: ScoringContext, step: Step) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def candidates(self) -> dict[str, Criterion]:
+        """The criteria a run tries in turn, keeping the one whose pruned (and refitted) model has the lowest
+        perplexity on the selection windows (`sdmprune.selection`), by label; one, itself, unless it asks for a
+        choice (sdmprune's `--importance auto`)."""
+        return {self.name: self}
+
 
 def compute_scores(criterion: Criterion, context: ScoringContext, step: Step | None = None) -> list[torch.Tensor]:
     """Scores of `criterion`, fp32, with already-pruned neurons at -inf so they stay pruned."""

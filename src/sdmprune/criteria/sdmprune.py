@@ -14,14 +14,17 @@ down_proj input) and g = ∂L/∂a under the same loss, over calibration tokens 
 - `activation-wanda`: the geometric mean of `activation` and structured Wanda's ‖a‖₂·mean|W_down[:, i]|,
   which joins the distillation gradient with the activation statistics Wanda relies on;
 - `weight-wanda`: the same geometric mean with the paper's weight-space Taylor score in place of `activation`
-  (‖a‖₂ from the same passes).
+  (‖a‖₂ from the same passes);
+- `auto`: not a score but a choice: the run scores, masks and refits with each of `AUTO_IMPORTANCES` in turn and
+  keeps the one with the lower perplexity on held-out calibration windows (`sdmprune.selection`): the preset is the
+  better selection on SmolLM2, the paper's on Qwen2.5-Coder-0.5B (README, Reconstruction).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -43,7 +46,8 @@ from .wanda_sp import structured_wanda
 
 ACTIVATION_IMPORTANCES = ("activation", "fisher", "activation-wanda")
 WEIGHT_IMPORTANCES = ("weight", "weight-wanda")  # |.| of each micro-batch's weight gradients: not under FSDP
-IMPORTANCES = ("activation-wanda", "weight", "activation", "fisher", "weight-wanda")
+IMPORTANCES = ("activation-wanda", "weight", "activation", "fisher", "weight-wanda", "auto")
+AUTO_IMPORTANCES = ("activation-wanda", "weight")  # what `auto` chooses between
 # Official SDMPrune (α, T) per target ratio of total parameters (METHOD.md); the nearest is used.
 OFFICIAL_DISTILLATION = {0.2: (0.4, 0.2), 0.3: (0.42, 0.5), 0.4: (0.1, 0.2)}
 
@@ -64,7 +68,9 @@ class SDMPrune(Criterion):
         "activation-wanda (recommended, see bench/results/quality.md) = geometric mean of the activation Taylor "
         "score and structured Wanda's | weight = the paper's weight-space Taylor (faithful SDMPrune) | "
         "activation = sum over tokens of |a*dL/da| at the neuron's output | fisher = sum over tokens of "
-        "(a*dL/da)^2 | weight-wanda = geometric mean of the weight-space Taylor score and structured Wanda's",
+        "(a*dL/da)^2 | weight-wanda = geometric mean of the weight-space Taylor score and structured Wanda's | "
+        "auto = run activation-wanda and weight (and the refit) in turn, keep the one with the lower perplexity on "
+        "held-out calibration windows (2x the scoring and refit time; recipe prune)",
         choices=IMPORTANCES))
     teacher: Teacher = registered(TEACHERS, "masks-off", "the teacher of the self-distillation loss")
 
@@ -97,6 +103,11 @@ class SDMPrune(Criterion):
         cold_start = [Step("cold-start", cold, {"alpha": 0.0, "temperature": 1.0})] if self.cold_start > 0 else []
         return [*cold_start,
                 *(Step("prune", cold + (target - cold) * k / steps, settings) for k in range(1, steps + 1))]
+
+    def candidates(self) -> dict[str, Criterion]:
+        if self.importance != "auto":
+            return {self.importance: self}
+        return {importance: replace(self, importance=importance) for importance in AUTO_IMPORTANCES}
 
     def attach(self, model: nn.Module, plan: list[Step], run: RunView) -> None:
         if any(step.settings.get("alpha", 0.0) > 0 for step in plan):

@@ -259,6 +259,9 @@ def plot_stages(figures: dict[str, dict[str, dict]], path: Path) -> None:
 def run(config: CompressRun) -> dict:
     """Run every stage (resuming the saved ones) and export; returns the report written to pruning.json."""
     validate(config)
+    if len(config.pruning.criterion.candidates()) > 1:
+        raise SdmpruneError("--importance auto runs in `sdmprune prune` only: name one importance here "
+                            "(activation-wanda or weight; README, Reconstruction, says which suits which model)")
     if config.source.recover_teacher == "cached" and config.recovery.kd_hidden > 0:
         raise SdmpruneError("the cached teacher holds no hidden states: --kd-hidden needs --recover-teacher live")
     config.pruning.width_multiple = config.export.width_multiple(config.pruning.width_multiple)

@@ -5,7 +5,9 @@
 
 Steps: check every input → load → plan → calibration → perplexity before → score and mask (resumable,
 state in the output directory) → reconstruct (optional refit of the kept weights) → perplexity after →
-export (rank 0; gathered first under FSDP).
+export (rank 0; gathered first under FSDP). With `--importance auto` the scoring and the refit run once per
+candidate importance, and the one with the lowest perplexity on further calibration windows is kept
+(`sdmprune.selection`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from ..errors import SdmpruneError
 from ..export import export_pruned, unshard_for_export
 from ..masks import count_parameters
 from ..options import validate
-from ..pruning import PruneConfig, prune
+from ..pruning import PruneConfig
 from ..reconstruct import ReconstructConfig
 from ..schedule import check_plan, needs_calibration
+from ..selection import prune_and_refit
 from .options import ParallelOptions, PruningRunOptions
 from .steps import (
     calibration_windows,
@@ -28,8 +31,8 @@ from .steps import (
     measure,
     perplexity_change,
     perplexity_windows,
-    reconstruct_on,
     refit_windows,
+    selection_windows,
 )
 
 FINISHED = "pruning.json"
@@ -52,6 +55,10 @@ def run(config: PruneRun) -> dict:
                             "yet: add --reconstruct none, or run without --fsdp")
     config.pruning.width_multiple = config.export.width_multiple(config.pruning.width_multiple)
     pruning, output = config.pruning, config.output.output
+    choosing = len(pruning.criterion.candidates()) > 1
+    if choosing and config.parallel.fsdp:
+        raise SdmpruneError("--importance auto tries the weight-space importance, which does not run under FSDP: "
+                            "drop --fsdp, or name an activation-space importance")
     resume = prepare_output(output, overwrite=config.output.overwrite, resume=config.output.resume, finished=FINISHED)
     model, tokenizer = load(config.model, device="cpu" if config.parallel.fsdp else None)
     if config.parallel.fsdp:  # fully_shard moves each process's shard to its own GPU (or keeps it on the CPU)
@@ -59,7 +66,7 @@ def run(config: PruneRun) -> dict:
     before = count_parameters(model)
     check_plan(model, pruning)
     windows = perplexity_windows(config.evaluation, config.data, model, tokenizer)
-    calibration, summary = None, None
+    calibration, summary, windows_to_refit, selection = None, None, (None, None), (None, None)
     refit = config.reconstruction.reconstruct
     if needs_calibration(pruning, model) or refit != "none":
         try:
@@ -68,6 +75,8 @@ def run(config: PruneRun) -> dict:
             if refit != "none":
                 windows_to_refit = refit_windows(config.reconstruction, config.calibration, config.data, model,
                                                  tokenizer, pruning.runtime.seed, calibration)
+            if choosing:
+                selection = selection_windows(config.calibration, config.data, model, tokenizer, pruning.runtime.seed)
         except SdmpruneError as error:
             if needs_calibration(pruning, model):
                 raise
@@ -77,11 +86,15 @@ def run(config: PruneRun) -> dict:
     if windows is not None:
         evaluation["before"] = measure(model, tokenizer, windows, config.evaluation, pruning.runtime.bf16)
     clear_for_new_run(output, resume)
-    result = prune(model, pruning, calibration=calibration, calibration_summary=summary, state_dir=output,
-                   resume=resume)
-    if refit != "none":  # deterministic: a resumed run refits again
-        result.report["reconstruction"] = reconstruct_on(model, result.masks, windows_to_refit, config.reconstruction,
-                                                         micro_batch=pruning.micro_batch, bf16=pruning.runtime.bf16)
+    # deterministic: a resumed run refits (and measures the candidates) again
+    chosen = prune_and_refit(model, pruning, calibration=calibration, calibration_summary=summary,
+                             refit=windows_to_refit[0], reconstruction=config.reconstruction, selection=selection[0],
+                             state_dir=output, resume=resume, batch_size=config.evaluation.eval_batch_size)
+    result = chosen.result
+    if chosen.reconstruction is not None:
+        result.report["reconstruction"] = {**chosen.reconstruction, "calibration": windows_to_refit[1]}
+    if chosen.report is not None:
+        result.report["selection"] = {**chosen.report, "calibration": selection[1]}
     if windows is not None:
         evaluation["after"] = measure(model, tokenizer, windows, config.evaluation, pruning.runtime.bf16)
     report = {**result.report, "source_model": config.model.model, "evaluation": evaluation}
@@ -97,6 +110,12 @@ def run(config: PruneRun) -> dict:
               f"{f', {world_size()} processes' if world_size() > 1 else ''})")
         print(f"requested {requested}; achieved ratio {achieved['ratio']:.4f} of total parameters, "
               f"{achieved['mlp_ratio']:.4f} of MLP neurons")
+        if "selection" in report:
+            choice = report["selection"]
+            tried = ", ".join(f"{label} {record['selection_ppl']:.2f}"
+                              for label, record in choice["candidates"].items())
+            print(f"chose {choice['chosen']} by perplexity on {choice['windows']} further calibration windows "
+                  f"({tried})")
         print(f"parameters {before.total:,} -> {achieved['params_after']:,}; MLP width {before.widths[0]} -> "
               f"{min(report['widths'])}")
         print(perplexity_change(evaluation))

@@ -17,6 +17,7 @@ from ..evaluation.perplexity import perplexity, tokenize_windows
 from ..masks import NeuronMasks
 from ..models import load_model
 from ..reconstruct import ReconstructConfig, reconstruct
+from ..selection import selection_windows as draw_selection_windows
 from .options import CalibrationOptions, DataOptions, ModelOptions, PerplexityOptions
 
 
@@ -74,6 +75,14 @@ def refit_windows(reconstruction: ReconstructConfig, options: CalibrationOptions
     wanted = reconstruction.refit_samples or calibration.shape[0]
     return extend_calibration(calibration, wanted, options.calib, tokenizer, seed=seed,
                               **_source(options, data, model))
+
+
+def selection_windows(options: CalibrationOptions, data: DataOptions, model: nn.Module, tokenizer, seed: int
+                      ) -> tuple[torch.Tensor, dict]:
+    """`(windows, summary)` on which `--importance auto` compares its candidates (`sdmprune.selection`): windows of
+    --calib that neither the scoring nor the refit sees."""
+    return draw_selection_windows(options.calib, tokenizer, seq_len=options.calib_seq_len, seed=seed,
+                                  **_source(options, data, model))
 
 
 def reconstruct_on(model: nn.Module, masks: NeuronMasks, windows: tuple[torch.Tensor, dict], config: ReconstructConfig,

@@ -1,0 +1,130 @@
+"""`--importance auto`: each candidate importance is scored, masked and refitted; the one with the lowest NLL on the
+selection windows is exported, exactly as a run naming it would have; interrupted runs resume; refusals are early."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import sdmprune.selection as selection
+from sdmprune import SdmpruneError, prune
+from sdmprune.checkpoint import STATE_JSON
+from sdmprune.cli import main
+from sdmprune.evaluation.perplexity import perplexity
+from sdmprune.options import build
+from sdmprune.pruning import PruneConfig
+from sdmprune.recipes import compress
+from sdmprune.reconstruct import ReconstructConfig
+from sdmprune.selection import SELECTION_SEED, SELECTION_WINDOWS, prune_and_refit
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
+
+CALIBRATION = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(2))
+SELECTION = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
+
+
+def prune_args(saved_model, text_file, output, importance: str) -> list[str]:
+    return ["prune", "--model", str(saved_model), "--criterion", "sdmprune", "--importance", importance,
+            "--mlp-ratio", "0.4", "--calib", str(text_file), "--calib-samples", "6", "--calib-seq-len", "24",
+            "--ppl-data", "none", "--output", str(output)]
+
+
+def test_the_candidate_with_the_lowest_selection_nll_is_kept_with_its_refit():
+    model = tiny_model("llama")
+    seen = {}
+
+    def inspect(label: str) -> dict:  # each candidate's pruned-and-refitted model, while its masks are on
+        seen[label] = perplexity(model, None, SELECTION, progress=False)["nll"]
+        return {"seen": label}
+
+    chosen = prune_and_refit(model, build(PruneConfig, dict(importance="auto", mlp_ratio=0.4)), calibration=CALIBRATION,
+                             refit=CALIBRATION, reconstruction=ReconstructConfig("sequential"), selection=SELECTION,
+                             inspect=inspect)
+    records = chosen.report["candidates"]
+    assert list(records) == ["activation-wanda", "weight"] and chosen.report["windows"] == 4
+    assert chosen.report["chosen"] == min(records, key=lambda label: records[label]["selection_nll"])
+    for label, record in records.items():
+        assert record["seen"] == label and record["selection_nll"] == pytest.approx(seen[label], abs=1e-5)
+    assert seen["activation-wanda"] != seen["weight"]  # two different selections were measured
+    # the model now computes the kept candidate, refit included: a run naming it gives the same logits
+    chosen_logits = perplexity(model, None, SELECTION, progress=False)["nll"]
+    assert chosen_logits == pytest.approx(seen[chosen.report["chosen"]], abs=1e-6)
+    named = tiny_model("llama")
+    alone = prune_and_refit(named, build(PruneConfig, dict(importance=chosen.report["chosen"], mlp_ratio=0.4)),
+                            calibration=CALIBRATION, refit=CALIBRATION, reconstruction=ReconstructConfig("sequential"))
+    assert alone.report is None
+    assert [torch.equal(a, b) for a, b in zip(alone.result.masks.keep, chosen.result.masks.keep, strict=True)] == \
+        [True, True]
+    assert all(torch.equal(a, b) for a, b in zip(alone.result.masks.weight, chosen.result.masks.weight, strict=True))
+
+
+@pytest.mark.parametrize("winner", ["activation-wanda", "weight"])
+def test_auto_exports_what_a_run_naming_the_winner_exports(saved_model, text_file, tmp_path, monkeypatch, winner):
+    measure, calls = selection.perplexity, []
+
+    def rigged(model, tokenizer, windows, **kwargs):  # the winner measures lower, whichever order it runs in
+        result = measure(model, tokenizer, windows, **kwargs)
+        calls.append(windows)
+        label = ["activation-wanda", "weight"][len(calls) - 1]
+        return {**result, "nll": 1.0 if label == winner else 2.0}
+
+    monkeypatch.setattr(selection, "perplexity", rigged)
+    assert main(prune_args(saved_model, text_file, tmp_path / "auto", "auto")) == 0
+    assert main(prune_args(saved_model, text_file, tmp_path / "named", winner)) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "named" / name).read_bytes(), name
+    report = json.loads((tmp_path / "auto" / "pruning.json").read_text())
+    assert report["selection"]["chosen"] == winner and report["config"]["criterion"]["importance"] == winner
+    assert report["selection"]["calibration"]["seed"] == SELECTION_SEED  # seed 0 + the selection stream's offset
+    assert calls[0].shape == (SELECTION_WINDOWS, 24) and torch.equal(calls[0], calls[1])
+    assert "reconstruction" in report and not list(tmp_path.glob(f"auto/**/{STATE_JSON}"))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_killed_in_the_second_candidate_resumes_to_the_same_export(saved_model, text_file, tmp_path,
+                                                                         monkeypatch):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(prune_args(saved_model, text_file, straight, "auto")) == 0
+    refit, refits = selection.reconstruct, []
+
+    def refit_then_die(*args, **kwargs):
+        refits.append(1)
+        if len(refits) == 2:  # the first candidate done, the second scored and masked
+            raise Killed
+        return refit(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(selection, "reconstruct", refit_then_die)
+        with pytest.raises(Killed):
+            main(prune_args(saved_model, text_file, killed, "auto"))
+    assert {path.parent.name for path in killed.glob(f"*/{STATE_JSON}")} == {"candidate-activation-wanda",
+                                                                            "candidate-weight"}
+    assert main(prune_args(saved_model, text_file, killed, "auto")) == 2  # interrupted: --resume or --overwrite
+    assert main([*prune_args(saved_model, text_file, killed, "auto"), "--resume"]) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
+    resumed, uninterrupted = ({label: record["selection_nll"] for label, record in choice["candidates"].items()}
+                              for choice in (json.loads((path / "pruning.json").read_text())["selection"]
+                                             for path in (killed, straight)))
+    assert resumed == uninterrupted and len(resumed) == 2
+
+
+def test_refusals(saved_model, text_file, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SdmpruneError, match=r"choosing among activation-wanda, weight \(--importance auto\) needs"):
+        prune(tiny_model("llama"), importance="auto", mlp_ratio=0.4, calibration=CALIBRATION)
+    with pytest.raises(SdmpruneError, match="needs selection windows"):
+        prune_and_refit(tiny_model("llama"), build(PruneConfig, dict(importance="auto", mlp_ratio=0.4)),
+                        calibration=CALIBRATION)
+    monkeypatch.setattr("sdmprune.recipes.prune.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main([*prune_args(saved_model, text_file, tmp_path / "out", "auto"), "--fsdp", "--reconstruct",
+                 "none"]) == 2
+    assert "--importance auto tries the weight-space importance" in capsys.readouterr().err
+    monkeypatch.setattr(compress, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SdmpruneError, match="--importance auto runs in `sdmprune prune` only"):
+        compress.run(compress.CompressRun.of(model=str(saved_model), output=str(tmp_path / "c"), importance="auto"))
