@@ -329,7 +329,7 @@ def test_the_refit_runs_on_refit_samples_windows(saved_model, text_file, tmp_pat
         received.append(windows)
         return reconstruct(model, masks, windows, *args, **kwargs)
 
-    monkeypatch.setattr("sdmprune.recipes.steps.reconstruct", recording)
+    monkeypatch.setattr("sdmprune.selection.reconstruct", recording)
     assert main(["prune", "--model", str(saved_model), "--criterion", "wanda-sp", "--mlp-ratio", "0.4", "--calib",
                  str(text_file), "--calib-samples", "6", "--calib-seq-len", "24", "--refit-samples", "10",
                  "--ppl-data", "none", "--output", str(tmp_path / "out")]) == 0
