@@ -246,9 +246,9 @@ def windows_to_refit(args, refit: str, calibration: torch.Tensor, tokenizer, see
                               args.calib, tokenizer, seed=seed, model=model)[0]
 
 
-def run_choice(args, method: str, config: dict, model, tokenizer, calibration, summary, windows: dict,
+def run_choice(args, config: dict, model, tokenizer, calibration, summary, windows: dict,
                missing: list[str]) -> dict[str, dict]:
-    """`method` chooses among candidates (CHOSEN): one full choice per record in `missing`, each candidate's
+    """A method of CHOSEN choosing among candidates: one full choice per record in `missing`, each candidate's
     evaluation-set perplexities recorded beside its selection-window one."""
     selection, _ = selection_windows(args.calib, tokenizer, seq_len=args.calib_seq_len, seed=config["seed"],
                                      model=model)
@@ -287,7 +287,7 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
     calibration, summary = load_calibration(args.calib, tokenizer, n_samples=NUTEPRUNE_WINDOWS if learned else
                                             args.calib_samples, seq_len=args.calib_seq_len, seed=seed, model=model)
     if method in CHOSEN:
-        return run_choice(args, method, config, model, tokenizer, calibration, summary, windows, missing)
+        return run_choice(args, config, model, tokenizer, calibration, summary, windows, missing)
     start = time.perf_counter()
     with PeakUse() as memory:
         if learned:

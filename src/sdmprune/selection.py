@@ -73,25 +73,28 @@ def prune_and_refit(
         raise SdmpruneError("the reconstruction needs its calibration windows: pass `refit`")
     if len(candidates) > 1 and selection is None:
         raise SdmpruneError(f"choosing among {', '.join(candidates)} needs selection windows: pass `selection`")
-    runs: dict[str, Chosen] = {}
-    records: dict[str, dict] = {}
-    for label, criterion in candidates.items():
-        start = time.perf_counter()
-        directory = state_dir if len(candidates) == 1 or state_dir is None else Path(state_dir) / f"candidate-{label}"
+
+    def run(criterion, directory: str | Path | None) -> Chosen:
         result = prune(model, replace(pruning, criterion=criterion), calibration=calibration,
                        calibration_summary=calibration_summary, state_dir=directory, resume=resume)
         refitted = reconstruct(model, result.masks, refit, reconstruction, micro_batch=pruning.micro_batch,
                                bf16=pruning.runtime.bf16) if refits else None
-        runs[label] = Chosen(result, refitted, None)
-        if len(candidates) == 1:
-            return runs[label]
+        return Chosen(result, refitted, None)
+
+    if len(candidates) == 1:
+        return run(pruning.criterion, state_dir)
+    runs: dict[str, Chosen] = {}
+    records: dict[str, dict] = {}
+    for label, criterion in candidates.items():
+        start = time.perf_counter()
+        runs[label] = run(criterion, None if state_dir is None else Path(state_dir) / f"candidate-{label}")
         measured = perplexity(model, None, selection, batch_size=batch_size, bf16=pruning.runtime.bf16,
                               progress=False)
         records[label] = {"selection_nll": round(measured["nll"], 5), "selection_ppl": round(measured["ppl"], 3),
                           "seconds": round(time.perf_counter() - start, 1), **(inspect(label) if inspect else {})}
         if is_main():
             print(f"candidate {label}: perplexity {measured['ppl']:.3f} on the selection windows", flush=True)
-        result.masks.remove()
+        runs[label].result.masks.remove()
     chosen = min(records, key=lambda label: records[label]["selection_nll"])
     kept = runs[chosen]
     kept.result.masks.attach()
