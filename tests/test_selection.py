@@ -1,5 +1,6 @@
 """`--importance auto`: each candidate importance is scored, masked and refitted; the one with the lowest NLL on the
-selection windows is exported, exactly as a run naming it would have; interrupted runs resume; refusals are early."""
+selection windows is exported, exactly as a run naming it would have, by `prune` and by `compress` (recovery
+included); interrupted runs resume; refusals are early."""
 
 from __future__ import annotations
 
@@ -30,6 +31,21 @@ def prune_args(saved_model, text_file, output, importance: str) -> list[str]:
     return ["prune", "--model", str(saved_model), "--criterion", "sdmprune", "--importance", importance,
             "--mlp-ratio", "0.4", "--calib", str(text_file), "--calib-samples", "6", "--calib-seq-len", "24",
             "--ppl-data", "none", "--output", str(output)]
+
+
+def rig_selection(monkeypatch, winner: str) -> list[torch.Tensor]:
+    """Make `winner` measure the lower selection NLL, whichever order the candidates run in; returns the windows
+    each measurement was given."""
+    measure, calls = selection.perplexity, []
+
+    def rigged(model, tokenizer, windows, **kwargs):
+        result = measure(model, tokenizer, windows, **kwargs)
+        calls.append(windows)
+        label = ["activation-wanda", "weight"][(len(calls) - 1) % 2]
+        return {**result, "nll": 1.0 if label == winner else 2.0}
+
+    monkeypatch.setattr(selection, "perplexity", rigged)
+    return calls
 
 
 def test_the_candidate_with_the_lowest_selection_nll_is_kept_with_its_refit():
@@ -63,15 +79,7 @@ def test_the_candidate_with_the_lowest_selection_nll_is_kept_with_its_refit():
 
 @pytest.mark.parametrize("winner", ["activation-wanda", "weight"])
 def test_auto_exports_what_a_run_naming_the_winner_exports(saved_model, text_file, tmp_path, monkeypatch, winner):
-    measure, calls = selection.perplexity, []
-
-    def rigged(model, tokenizer, windows, **kwargs):  # the winner measures lower, whichever order it runs in
-        result = measure(model, tokenizer, windows, **kwargs)
-        calls.append(windows)
-        label = ["activation-wanda", "weight"][len(calls) - 1]
-        return {**result, "nll": 1.0 if label == winner else 2.0}
-
-    monkeypatch.setattr(selection, "perplexity", rigged)
+    calls = rig_selection(monkeypatch, winner)
     assert main(prune_args(saved_model, text_file, tmp_path / "auto", "auto")) == 0
     assert main(prune_args(saved_model, text_file, tmp_path / "named", winner)) == 0
     for name in ("model.safetensors", "config.json"):
@@ -125,6 +133,68 @@ def test_refusals(saved_model, text_file, tmp_path, capsys, monkeypatch):
     assert main([*prune_args(saved_model, text_file, tmp_path / "out", "auto"), "--fsdp", "--reconstruct",
                  "none"]) == 2
     assert "--importance auto tries the weight-space importance" in capsys.readouterr().err
-    monkeypatch.setattr(compress, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(SdmpruneError, match="--importance auto runs in `sdmprune prune` only"):
-        compress.run(compress.CompressRun.of(model=str(saved_model), output=str(tmp_path / "c"), importance="auto"))
+
+
+def compress_options(saved_model, text_file, output, importance: str, **extra) -> dict:
+    return dict(model=str(saved_model), importance=importance, mlp_ratio=0.4, cold_start=0.1, calib=str(text_file),
+                calib_samples=6, calib_seq_len=24, reconstruct="sequential", recover_data=str(text_file),
+                recover_tokens=96, max_len=24, batch_size=2, grad_accum=1, save_every=1, ppl_data=str(text_file),
+                seq_len=24, max_tokens=0, bf16=False, output=str(output), **extra)
+
+
+@pytest.mark.parametrize("winner", ["activation-wanda", "weight"])
+def test_compress_with_auto_exports_what_compress_naming_the_winner_exports(saved_model, text_file, tmp_path,
+                                                                            monkeypatch, capsys, winner):
+    plan = compress.run(compress.CompressRun.of(**compress_options(saved_model, text_file, tmp_path / "auto", "auto"),
+                                                dry_run=True))["plan"]
+    calls = rig_selection(monkeypatch, winner)
+    report = compress.run(compress.CompressRun.of(**compress_options(saved_model, text_file, tmp_path / "auto", "auto"),
+                                                  export_stages=True))
+    assert f"chose {winner} by perplexity on {SELECTION_WINDOWS} further calibration windows" in \
+        capsys.readouterr().out
+    compress.run(compress.CompressRun.of(**compress_options(saved_model, text_file, tmp_path / "named", winner)))
+    # the recovery distils from the dense model behind the kept masks: the same trained export, byte for byte
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "named" / name).read_bytes(), name
+    assert [s["stage"] for s in plan] == [s["stage"] for s in report["stages"]] == list(compress.CHOOSING_STAGES)
+    assert list(report["evaluation"]) == ["dense", "selected", "recovered"]
+    select = report["stages"][1]
+    assert select["chosen"] == winner and list(select["candidates"]) == ["activation-wanda", "weight"]
+    assert select["reconstruction"]["mode"] == "sequential" and select["seconds"] > 0
+    assert len(calls) == 2 and calls[0].shape == (SELECTION_WINDOWS, 24) and torch.equal(calls[0], calls[1])
+    assert report["config"]["criterion"]["importance"] == winner
+    assert report["compress"]["pruning"]["criterion"]["importance"] == "auto"
+    stage_model = tmp_path / "auto" / compress.STAGE_MODELS / "selected" / "model.safetensors"
+    assert sorted(path.name for path in stage_model.parents[1].iterdir()) == ["selected"]
+    assert stage_model.stat().st_size > 0
+
+
+@pytest.mark.parametrize("stage", ["select", "recover"])
+def test_compress_with_auto_killed_resumes_to_the_same_export(stage, saved_model, text_file, tmp_path, monkeypatch):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    compress.run(compress.CompressRun.of(**compress_options(saved_model, text_file, straight, "auto")))
+    refit, refits, dying = selection.reconstruct, [], [stage == "select"]
+
+    def counted_refit(*args, **kwargs):
+        refits.append(1)
+        if dying[0] and len(refits) == 2:  # the first candidate done, the second scored and masked
+            raise Killed
+        return refit(*args, **kwargs)
+
+    monkeypatch.setattr(selection, "reconstruct", counted_refit)
+    with monkeypatch.context() as patch:
+        if stage == "recover":
+            patch.setattr(compress, "train", lambda *a, **k: (_ for _ in ()).throw(Killed))
+        with pytest.raises(Killed):
+            compress.run(compress.CompressRun.of(**compress_options(saved_model, text_file, killed, "auto")))
+    refits.clear()
+    dying[0] = False
+    compress.run(compress.CompressRun.of(**compress_options(saved_model, text_file, killed, "auto", resume=True)))
+    for name in ("model.safetensors", "config.json"):
+        assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
+    # past the select stage only the kept candidate is refitted again; killed inside it, both are
+    assert len(refits) == {"select": 2, "recover": 1}[stage]
+    choices = [json.loads((path / "pruning.json").read_text())["stages"][1] for path in (killed, straight)]
+    assert choices[0]["candidates"].keys() == choices[1]["candidates"].keys()
+    assert [c["selection_nll"] for c in choices[0]["candidates"].values()] == \
+        [c["selection_nll"] for c in choices[1]["candidates"].values()]

@@ -49,6 +49,11 @@ def selection_windows(spec: str, tokenizer, *, seq_len: int, seed: int, **option
                             seed=seed + SELECTION_SEED, **options)
 
 
+def candidate_dir(state_dir: str | Path | None, label: str) -> Path | None:
+    """Where candidate `label` keeps its run state under `state_dir` (None: no state kept)."""
+    return None if state_dir is None else Path(state_dir) / f"candidate-{label}"
+
+
 def prune_and_refit(
     model: nn.Module,
     pruning: PruneConfig,
@@ -62,15 +67,24 @@ def prune_and_refit(
     resume: bool = False,
     batch_size: int = 1,
     inspect: Callable[[str], dict] | None = None,
+    chosen_before: str | None = None,
 ) -> Chosen:
     """`prune` then `reconstruct` on the (N, S) `refit` windows (none without `reconstruction` or with
     `reconstruct="none"`), for each of the criterion's candidates, keeping the lowest NLL on the (n, S) `selection`
     windows (needed with several candidates; measured `batch_size` windows at a time). `inspect(label)`, when
-    given, is called while each candidate's masks are on; what it returns goes into that candidate's record."""
+    given, is called while each candidate's masks are on; what it returns goes into that candidate's record.
+    `chosen_before`: the candidate an earlier run with the same settings kept (a resumed pipeline past this step):
+    only that one is run again, from its saved state, and the report is None."""
     candidates = pruning.criterion.candidates()
     refits = reconstruction is not None and reconstruction.reconstruct != "none"
     if refits and refit is None:
         raise SdmpruneError("the reconstruction needs its calibration windows: pass `refit`")
+    if chosen_before is not None:
+        if chosen_before not in candidates or len(candidates) == 1:
+            raise SdmpruneError(f"'{chosen_before}' is not one of the candidates {', '.join(candidates)}")
+        return prune_and_refit(model, replace(pruning, criterion=candidates[chosen_before]), calibration=calibration,
+                               calibration_summary=calibration_summary, refit=refit, reconstruction=reconstruction,
+                               state_dir=candidate_dir(state_dir, chosen_before), resume=resume)
     if len(candidates) > 1 and selection is None:
         raise SdmpruneError(f"choosing among {', '.join(candidates)} needs selection windows: pass `selection`")
 
@@ -87,7 +101,7 @@ def prune_and_refit(
     records: dict[str, dict] = {}
     for label, criterion in candidates.items():
         start = time.perf_counter()
-        runs[label] = run(criterion, None if state_dir is None else Path(state_dir) / f"candidate-{label}")
+        runs[label] = run(criterion, candidate_dir(state_dir, label))
         measured = perplexity(model, None, selection, batch_size=batch_size, bf16=pruning.runtime.bf16,
                               progress=False)
         records[label] = {"selection_nll": round(measured["nll"], 5), "selection_ppl": round(measured["ppl"], 3),

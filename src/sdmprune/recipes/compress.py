@@ -8,7 +8,9 @@ check every input → calibrate (calibration and recovery windows, dense perplex
 recommended SDMPrune preset; masks only) → reconstruct (refit of the kept down_proj weights, held beside
 the weights) → recover (LoRA distilled from the dense model, which is the same weights with adapters and
 masks off: no second copy; or from the dense model's top-k log-probabilities cached in the calibrate stage) →
-evaluate (zero-shot tasks, optional) → export (LoRA merged, sliced, written).
+evaluate (zero-shot tasks, optional) → export (LoRA merged, sliced, written). With `--importance auto`, prune
+and reconstruct are one stage, select: each candidate importance is pruned and refitted in turn, and the one
+with the lower perplexity on further calibration windows is kept (`sdmprune.selection`).
 Perplexity (on each text of --ppl-data, a comma-separated list here) is measured after every stage that changes
 the model and plotted in `stages.png`; every stage's seconds and peak memory go into pruning.json.
 """
@@ -32,7 +34,7 @@ from ..export import export_copy, export_pruned
 from ..lora import attach_lora
 from ..masks import NeuronMasks, count_parameters
 from ..options import described, to_dict, validate
-from ..pruning import PruneConfig, prune
+from ..pruning import PruneConfig
 from ..reconstruct import ReconstructConfig
 from ..recovery.cached_teacher import CachedTeacher, cache_teacher
 from ..recovery.data import load_instructions, text_windows, tokenize_dataset
@@ -40,12 +42,25 @@ from ..recovery.finetune import RecoveryOptions, run_teacher, train
 from ..recovery.targets import Teacher, TeacherOutput
 from ..runtime import PeakMemory, context_length, use_bf16
 from ..schedule import check_plan
+from ..selection import SELECTION_WINDOWS, prune_and_refit
 from .options import PerplexityOptions, PruningRunOptions, TaskOptions
 from .prune import FINISHED
-from .steps import calibration_windows, load, measure, perplexity_windows, reconstruct_on, refit_windows, say
+from .steps import (
+    calibration_windows,
+    choice_line,
+    load,
+    measure,
+    perplexity_windows,
+    reconstruct_on,
+    refit_windows,
+    say,
+    selection_windows,
+)
 
 STAGES = ("calibrate", "prune", "reconstruct", "recover", "evaluate", "export")
-STAGE_MODELS = "stage-models"  # --export-stages: OUTPUT/stage-models/{pruned,reconstructed}
+# --importance auto: prune and reconstruct run together, once per candidate importance (sdmprune.selection)
+CHOOSING_STAGES = ("calibrate", "select", "recover", "evaluate", "export")
+STAGE_MODELS = "stage-models"  # --export-stages: OUTPUT/stage-models/{pruned,reconstructed} (select: selected)
 # down_proj stays without LoRA: its input is what the masks cut, and its weight may be a refit held by the masks
 COMPRESS_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"
 # Fractions of the matmul ceiling our passes reach, (fp32, bf16 autocast): fp32 inference ~0.8 (SmolLM2 forward 370
@@ -140,6 +155,7 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     calibration_tokens = config.calibration.calib_samples * config.calibration.calib_seq_len
     refit_tokens = (config.reconstruction.refit_samples or config.calibration.calib_samples) * \
         config.calibration.calib_seq_len
+    candidates = pruning.criterion.candidates().values()
     recovery_tokens = config.source.recover_tokens * config.recovery.epochs
     eval_tokens = config.evaluation.max_tokens * len(perplexity_sets(config.evaluation))
     # SharedContextLM runs ~100 tokens per item (233,624 for the 12 local tasks' first 200 items with Qwen2.5's
@@ -156,6 +172,11 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
         "prune": (2 * params * (eval_tokens + pruning.steps * calibration_tokens),
                   (cold_start + 4 * pruning.steps) * params * calibration_tokens),
         "reconstruct": (2 * params * (eval_tokens + reconstruct_passes * refit_tokens), 0),
+        # each candidate's prune and refit, and its perplexity on the selection windows
+        "select": (2 * params * (eval_tokens + len(candidates) * (
+            pruning.steps * calibration_tokens + reconstruct_passes * refit_tokens
+            + SELECTION_WINDOWS * config.calibration.calib_seq_len)),
+                   len(candidates) * (cold_start + 4 * pruning.steps) * params * calibration_tokens),
         "recover": (2 * params * (eval_tokens + (not cached) * recovery_tokens),
                     6 * params * recovery_tokens * recovering),
         "evaluate": (2 * params * task_tokens, 0),
@@ -166,10 +187,10 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
     # above a base: on a GPU what is allocated now; on the CPU what the process holds now plus the weights (loaded
     # weights are often memory-mapped and become resident only when a pass reads them; where they already are, the
     # base counts them twice). A stage's peak also holds what earlier stages left on the heap, not modelled here.
+    weight_gradients = any(getattr(candidate, "importance", "") in WEIGHT_IMPORTANCES for candidate in candidates)
     extra = {
         "calibrate": 3 * eval_logits,
-        "prune": weight_bytes * (2 if getattr(pruning.criterion, "importance", "") in WEIGHT_IMPORTANCES else 1)
-        + 3 * logits,
+        "prune": weight_bytes * (1 + weight_gradients) + 3 * logits,
         # one layer's fp64 Gram at a time, two with held-out windows
         "reconstruct": weight_bytes + 8 * width**2 * (1 + (config.reconstruction.refit_holdout > 0)),
         # fp32 logits of a window live in ~16 copies (student, teacher, softmaxes, gradients)
@@ -177,6 +198,7 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
         "evaluate": weight_bytes * 0.2,
         "export": weight_bytes,
     }
+    extra["select"] = max(extra["prune"], extra["reconstruct"] * (config.reconstruction.reconstruct != "none"))
     held = (PeakMemory(device).current_mib() or 0) * 2**20
     base = held if device.type == "cuda" else weight_bytes + held
     efficiency = FORWARD_EFFICIENCY[bf16], TRAINING_EFFICIENCY[bf16]
@@ -184,7 +206,8 @@ def plan(config: CompressRun, model: nn.Module) -> list[dict]:
                for stage, (forward, training) in work.items()}
     return [{"stage": stage, "seconds": round(seconds[stage], 1),
              "memory_gib": round((base + extra[stage]) / 2**30, 2)}
-            for stage in STAGES if stage != "reconstruct" or config.reconstruction.reconstruct != "none"
+            for stage in (CHOOSING_STAGES if len(candidates) > 1 else STAGES)
+            if stage != "reconstruct" or config.reconstruction.reconstruct != "none"
             if stage != "recover" or recovering]
 
 
@@ -259,9 +282,6 @@ def plot_stages(figures: dict[str, dict[str, dict]], path: Path) -> None:
 def run(config: CompressRun) -> dict:
     """Run every stage (resuming the saved ones) and export; returns the report written to pruning.json."""
     validate(config)
-    if len(config.pruning.criterion.candidates()) > 1:
-        raise SdmpruneError("--importance auto runs in `sdmprune prune` only: name one importance here "
-                            "(activation-wanda or weight; README, Reconstruction, says which suits which model)")
     if config.source.recover_teacher == "cached" and config.recovery.kd_hidden > 0:
         raise SdmpruneError("the cached teacher holds no hidden states: --kd-hidden needs --recover-teacher live")
     config.pruning.width_multiple = config.export.width_multiple(config.pruning.width_multiple)
@@ -271,7 +291,7 @@ def run(config: CompressRun) -> dict:
         resume = prepare_output(output, overwrite=config.output.overwrite, resume=config.output.resume,
                                 finished=FINISHED)
     names = parse_task_names(config.tasks.tasks) if config.tasks.tasks else None
-    selection = resolve_tasks(names, config.data.data_dir) if names else None
+    task_selection = resolve_tasks(names, config.data.data_dir) if names else None
     model, tokenizer = load(config.model)
     check_plan(model, pruning)
     context = context_length(model)
@@ -290,9 +310,12 @@ def run(config: CompressRun) -> dict:
     calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
                                                pruning.runtime.seed)
     names_in_plan = [stage["stage"] for stage in stages]
-    if "reconstruct" in names_in_plan:
+    windows_to_refit = windows_to_select = (None, None)
+    if config.reconstruction.reconstruct != "none":
         windows_to_refit = refit_windows(config.reconstruction, config.calibration, config.data, model, tokenizer,
                                          pruning.runtime.seed, calibration)
+    if "select" in names_in_plan:
+        windows_to_select = selection_windows(config.calibration, config.data, model, tokenizer, pruning.runtime.seed)
     data = recovery_data(config, model, tokenizer) if config.source.recover_data != "none" else None
     clear_for_new_run(output, resume)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -342,12 +365,28 @@ def run(config: CompressRun) -> dict:
             pad_id=pad_id)}
     finish("calibrate", started, "dense")
 
-    started = begin(2, "prune")
-    result = prune(model, pruning, calibration=calibration, calibration_summary=summary,
-                   state_dir=output / "stages" / "prune", resume=resume)
-    masks = result.masks
-    finish("prune", started, "pruned")
-    export_stage("pruned", masks, result.report)
+    if "select" in names_in_plan:
+        started = begin(2, "select")
+        # a resumed run past this stage reruns only the candidate it kept (deterministic: the same refit)
+        chosen = prune_and_refit(model, pruning, calibration=calibration, calibration_summary=summary,
+                                 refit=windows_to_refit[0], reconstruction=config.reconstruction,
+                                 selection=windows_to_select[0], state_dir=output / "stages" / "prune", resume=resume,
+                                 batch_size=config.evaluation.eval_batch_size,
+                                 chosen_before=reports.get("select", {}).get("chosen"))
+        result, masks = chosen.result, chosen.result.masks
+        if chosen.report is not None:
+            reports["select"] = {**chosen.report, "calibration": windows_to_select[1]}
+            if chosen.reconstruction is not None:
+                reports["select"]["reconstruction"] = {**chosen.reconstruction, "calibration": windows_to_refit[1]}
+        finish("select", started, "selected")
+        export_stage("selected", masks, {**result.report, "selection": reports["select"]})
+    else:
+        started = begin(2, "prune")
+        chosen = prune_and_refit(model, pruning, calibration=calibration, calibration_summary=summary,
+                                 state_dir=output / "stages" / "prune", resume=resume)
+        result, masks = chosen.result, chosen.result.masks
+        finish("prune", started, "pruned")
+        export_stage("pruned", masks, result.report)
 
     if "reconstruct" in names_in_plan:
         started = begin(names_in_plan.index("reconstruct") + 1, "reconstruct")
@@ -377,7 +416,7 @@ def run(config: CompressRun) -> dict:
 
     started = begin(names_in_plan.index("evaluate") + 1, "evaluate")
     if names and "tasks" not in reports.get("evaluate", {}):
-        reports["evaluate"] = {"tasks": evaluate_tasks(model, tokenizer, selection, limit=config.tasks.limit,
+        reports["evaluate"] = {"tasks": evaluate_tasks(model, tokenizer, task_selection, limit=config.tasks.limit,
                                                        batch_size=config.evaluation.eval_batch_size, bf16=bf16,
                                                        seed=pruning.runtime.seed)}
     finish("evaluate", started)
@@ -401,6 +440,8 @@ def run(config: CompressRun) -> dict:
     print(f"\n{config.model.model} -> {output}  (compress: {', '.join(names_in_plan)})")
     print(f"achieved ratio {achieved['ratio']:.4f} of total parameters; parameters {achieved['params_before']:,} -> "
           f"{achieved['params_after']:,}")
+    if "select" in reports:
+        print(choice_line(reports["select"]))
     for text in next(iter(figures.values()), {}):
         print(f"perplexity ({text}): " + " -> ".join(f"{stage} {figure[text]['ppl']:.2f}"
                                                      for stage, figure in figures.items()))

@@ -27,6 +27,7 @@ from ..selection import prune_and_refit
 from .options import ParallelOptions, PruningRunOptions
 from .steps import (
     calibration_windows,
+    choice_line,
     load,
     measure,
     perplexity_change,
@@ -111,11 +112,7 @@ def run(config: PruneRun) -> dict:
         print(f"requested {requested}; achieved ratio {achieved['ratio']:.4f} of total parameters, "
               f"{achieved['mlp_ratio']:.4f} of MLP neurons")
         if "selection" in report:
-            choice = report["selection"]
-            tried = ", ".join(f"{label} {record['selection_ppl']:.2f}"
-                              for label, record in choice["candidates"].items())
-            print(f"chose {choice['chosen']} by perplexity on {choice['windows']} further calibration windows "
-                  f"({tried})")
+            print(choice_line(report["selection"]))
         print(f"parameters {before.total:,} -> {achieved['params_after']:,}; MLP width {before.widths[0]} -> "
               f"{min(report['widths'])}")
         print(perplexity_change(evaluation))
