@@ -8,9 +8,11 @@ after every stage, and the seconds and peak memory of every stage.
 Each run is the user's command, `sdmprune compress` in a fresh process (its own peak memory), with the recovery
 variant: `none` (`--recover-data none`: the pruned-and-refitted model), `ce` (`--kd-beta 0`: cross-entropy on the
 recovery text) or `kd` (`--kd-beta 1`, the default: KL to the live dense teacher), the other options at compress's
-defaults (the recommended preset, 64 C4 calibration windows of 256 tokens, sequential refit, LoRA r 8, C4 recovery
-windows of 256 tokens) except `--recover-tokens`, and with `--export-stages`. Perplexity: WikiText-2 and C4
-held-out text, first 8,192 tokens each, windows of 512, bf16 autocast, measured by compress after every stage.
+defaults (64 C4 calibration windows of 256 tokens, sequential refit, LoRA r 8, C4 recovery windows of 256 tokens)
+except `--recover-tokens` and the importance: the preset (`--importance activation-wanda`), so that the prune and
+reconstruct stages are measured apart (compress's default, auto, makes them one stage), and with `--export-stages`.
+Perplexity: WikiText-2 and C4 held-out text, first 8,192 tokens each, windows of 512, bf16 autocast, measured by
+compress after every stage.
 Zero-shot: `sdmprune eval --tasks sdmprune --limit 200` on each recovered export and on the pruned and refitted
 models a run exported on the way (the same for every recovery of a model, ratio and seed; where no run of them has
 those exports, the `none` variant is run for them), and all 12 local tasks (the 10, HellaSwag, LAMBADA) on the
@@ -96,7 +98,10 @@ def sdmprune(argv: list[str]) -> float:
 
 
 def compress_argv(model: str, ratio: float, recovery: str, args: argparse.Namespace, output: Path) -> list[str]:
-    return ["compress", "--model", model, "--ratio", str(ratio), "--seed", str(args.seed),
+    # the preset named: its prune and reconstruct stages apart, each measured (compress's default, --importance auto,
+    # makes them one stage; bench/quality.py's sdmprune-auto measures that choice)
+    return ["compress", "--model", model, "--ratio", str(ratio), "--importance", "activation-wanda",
+            "--seed", str(args.seed),
             "--recover-tokens", str(args.recover_tokens), *RECOVERY_ARGS[recovery],
             "--ppl-data", ",".join(PPL_SETS), "--max-tokens", "8192", "--export-stages", "--output", str(output)]
 

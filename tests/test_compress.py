@@ -31,10 +31,12 @@ finetune_module = importlib.import_module("sdmprune.recovery.finetune")
 
 
 def options(model: Path, text: Path, output: Path, **extra) -> dict:
-    return dict(model=str(model), mlp_ratio=0.5, cold_start=0.1, calib=str(text), calib_samples=4, calib_seq_len=32,
-                reconstruct="one-shot", recover_data=str(text), recover_tokens=256, max_len=32, batch_size=2,
-                grad_accum=1, save_every=1, ppl_data=str(text), seq_len=32, max_tokens=0, bf16=False,
-                tasks="boolq", limit=2, data_dir=str(DATA_DIR), output=str(output), **extra)
+    """The prune and reconstruct stages apart: one importance named (compress's default, auto, makes them one
+    stage; tests/test_selection.py)."""
+    return dict(model=str(model), importance="activation-wanda", mlp_ratio=0.5, cold_start=0.1, calib=str(text),
+                calib_samples=4, calib_seq_len=32, reconstruct="one-shot", recover_data=str(text), recover_tokens=256,
+                max_len=32, batch_size=2, grad_accum=1, save_every=1, ppl_data=str(text), seq_len=32, max_tokens=0,
+                bf16=False, tasks="boolq", limit=2, data_dir=str(DATA_DIR), output=str(output), **extra)
 
 
 def test_live_teacher_is_the_dense_model_after_reconstruction_and_training():

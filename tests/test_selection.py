@@ -135,8 +135,10 @@ def test_refusals(saved_model, text_file, tmp_path, capsys, monkeypatch):
     assert "--importance auto tries the weight-space importance" in capsys.readouterr().err
 
 
-def compress_options(saved_model, text_file, output, importance: str, **extra) -> dict:
-    return dict(model=str(saved_model), importance=importance, mlp_ratio=0.4, cold_start=0.1, calib=str(text_file),
+def compress_options(saved_model, text_file, output, importance: str | None, **extra) -> dict:
+    """Options of a small compress run; `importance` None leaves compress's default (auto)."""
+    named = {} if importance is None else {"importance": importance}
+    return dict(model=str(saved_model), **named, mlp_ratio=0.4, cold_start=0.1, calib=str(text_file),
                 calib_samples=6, calib_seq_len=24, reconstruct="sequential", recover_data=str(text_file),
                 recover_tokens=96, max_len=24, batch_size=2, grad_accum=1, save_every=1, ppl_data=str(text_file),
                 seq_len=24, max_tokens=0, bf16=False, output=str(output), **extra)
@@ -145,11 +147,10 @@ def compress_options(saved_model, text_file, output, importance: str, **extra) -
 @pytest.mark.parametrize("winner", ["activation-wanda", "weight"])
 def test_compress_with_auto_exports_what_compress_naming_the_winner_exports(saved_model, text_file, tmp_path,
                                                                             monkeypatch, capsys, winner):
-    plan = compress.run(compress.CompressRun.of(**compress_options(saved_model, text_file, tmp_path / "auto", "auto"),
-                                                dry_run=True))["plan"]
+    settings = compress_options(saved_model, text_file, tmp_path / "auto", None)  # the default: auto
+    plan = compress.run(compress.CompressRun.of(**settings, dry_run=True))["plan"]
     calls = rig_selection(monkeypatch, winner)
-    report = compress.run(compress.CompressRun.of(**compress_options(saved_model, text_file, tmp_path / "auto", "auto"),
-                                                  export_stages=True))
+    report = compress.run(compress.CompressRun.of(**settings, export_stages=True))
     assert f"chose {winner} by perplexity on {SELECTION_WINDOWS} further calibration windows" in \
         capsys.readouterr().out
     compress.run(compress.CompressRun.of(**compress_options(saved_model, text_file, tmp_path / "named", winner)))
