@@ -33,6 +33,9 @@ def test_prune_eval_inspect(capsys, saved_model, text_file, tmp_path):
     assert record["requested"]["ratio"] == 0.2 and record["achieved"]["ratio"] >= 0.2
     assert record["reconstruction"]["mode"] == "sequential" and record["reconstruction"]["tokens"] == 128 * 32
     assert record["evaluation"]["after"]["tokens"] == record["evaluation"]["before"]["tokens"] > 0
+    after = record["evaluation"]["after"]
+    assert f"| perplexity after | {after['ppl']:.2f} on {text_file} ({after['tokens']:,} tokens) |" in \
+        (out_dir / "README.md").read_text()
     plain = AutoModelForCausalLM.from_pretrained(out_dir)
     assert plain.config.intermediate_size == record["widths"][0]
 

@@ -89,6 +89,8 @@ def test_auto_exports_what_a_run_naming_the_winner_exports(saved_model, text_fil
     assert report["selection"]["calibration"]["seed"] == SELECTION_SEED  # seed 0 + the selection stream's offset
     assert calls[0].shape == (SELECTION_WINDOWS, 24) and torch.equal(calls[0], calls[1])
     assert "reconstruction" in report and not list(tmp_path.glob(f"auto/**/{STATE_JSON}"))
+    card = (tmp_path / "auto" / "README.md").read_text()
+    assert f"| importance | {winner} |" in card and f"| `--importance auto` | chose {winner} by perplexity" in card
 
 
 class Killed(Exception):
@@ -165,6 +167,10 @@ def test_compress_with_auto_exports_what_compress_naming_the_winner_exports(save
     assert len(calls) == 2 and calls[0].shape == (SELECTION_WINDOWS, 24) and torch.equal(calls[0], calls[1])
     assert report["config"]["criterion"]["importance"] == winner
     assert report["compress"]["pruning"]["criterion"]["importance"] == "auto"
+    card = (tmp_path / "auto" / "README.md").read_text()  # the model card: the choice and each stage's perplexity
+    assert f"| importance | {winner} |" in card and f"| `--importance auto` | chose {winner} by perplexity" in card
+    selected = report["evaluation"]["selected"][str(text_file)]
+    assert f"| perplexity selected | {selected['ppl']:.2f} on {text_file} ({selected['tokens']:,} tokens) |" in card
     stage_model = tmp_path / "auto" / compress.STAGE_MODELS / "selected" / "model.safetensors"
     assert sorted(path.name for path in stage_model.parents[1].iterdir()) == ["selected"]
     assert stage_model.stat().st_size > 0

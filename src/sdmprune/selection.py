@@ -42,6 +42,12 @@ class Chosen:
     report: dict | None  # the choice (None with a single candidate)
 
 
+def describe_choice(choice: dict) -> str:
+    """One line on what the choice kept and why, from its report (`Chosen.report`, as in pruning.json)."""
+    tried = ", ".join(f"{label} {record['selection_ppl']:.2f}" for label, record in choice["candidates"].items())
+    return f"chose {choice['chosen']} by perplexity on {choice['windows']} further calibration windows ({tried})"
+
+
 def selection_windows(spec: str, tokenizer, *, seq_len: int, seed: int, **options) -> tuple[torch.Tensor, dict]:
     """(SELECTION_WINDOWS, seq_len) windows of the calibration source `spec` for the choice, and their summary
     (`options`: `load_calibration`'s)."""

@@ -29,6 +29,7 @@ from ..masks import ChannelMasks, HeadMasks, NeuronMasks, count_parameters
 from ..models.architectures import Architecture, attention_group_shape, get_architecture
 from ..models.resize import resize_attention, resize_mlp
 from ..runtime import library_versions
+from ..selection import describe_choice
 
 
 def _set_attention_config(model: PreTrainedModel, n_groups: int) -> None:
@@ -162,6 +163,12 @@ def export_copy(model: PreTrainedModel, tokenizer, masks: NeuronMasks, output_di
     return export_pruned(copy, tokenizer, copy_masks, output_dir, report=report, padded=padded)
 
 
+def _choice(record: dict) -> dict | None:
+    """`--importance auto`'s report, from a prune record ("selection") or a compress one (its select stage)."""
+    return record.get("selection") or next((stage for stage in record.get("stages", [])
+                                            if stage.get("stage") == "select"), None)
+
+
 def model_card(record: dict) -> str:
     achieved = record["achieved"]
     layout = record["export"]["layout"]
@@ -195,7 +202,15 @@ def model_card(record: dict) -> str:
     if kv_heads:
         before = record["kv_heads_before"][0]
         lines.append(f"| key/value heads per layer | {before} -> {min(kv_heads)}..{max(kv_heads)} ({layout}) |")
-    for name, result in record.get("evaluation", {}).items():
-        lines.append(f"| perplexity {name} | {result} |")
+    criterion = record.get("config", {}).get("criterion", {})
+    if "importance" in criterion:
+        lines.append(f"| importance | {criterion['importance']} |")
+    if choice := _choice(record):
+        lines.append(f"| `--importance auto` | {describe_choice(choice)} |")
+    for name, figures in record.get("evaluation", {}).items():
+        # prune: {"before": figure, "after": figure}; compress: {stage: {text: figure}}
+        measured = [figures] if "ppl" in figures else list(figures.values())
+        lines.append(f"| perplexity {name} | " + "; ".join(
+            f"{figure['ppl']:.2f} on {figure['data']} ({figure['tokens']:,} tokens)" for figure in measured) + " |")
     lines += ["", "## Loading", "", loading, "", "`pruning.json` lists the kept neuron indices of every layer.", ""]
     return "\n".join(lines)

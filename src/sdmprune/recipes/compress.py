@@ -42,12 +42,11 @@ from ..recovery.finetune import RecoveryOptions, run_teacher, train
 from ..recovery.targets import Teacher, TeacherOutput
 from ..runtime import PeakMemory, context_length, use_bf16
 from ..schedule import check_plan
-from ..selection import SELECTION_WINDOWS, prune_and_refit
+from ..selection import SELECTION_WINDOWS, describe_choice, prune_and_refit
 from .options import PerplexityOptions, PruningRunOptions, TaskOptions
 from .prune import FINISHED
 from .steps import (
     calibration_windows,
-    choice_line,
     load,
     measure,
     perplexity_windows,
@@ -444,7 +443,7 @@ def run(config: CompressRun) -> dict:
     print(f"achieved ratio {achieved['ratio']:.4f} of total parameters; parameters {achieved['params_before']:,} -> "
           f"{achieved['params_after']:,}")
     if "select" in reports:
-        print(choice_line(reports["select"]))
+        print(describe_choice(reports["select"]))
     for text in next(iter(figures.values()), {}):
         print(f"perplexity ({text}): " + " -> ".join(f"{stage} {figure[text]['ppl']:.2f}"
                                                      for stage, figure in figures.items()))

@@ -23,11 +23,10 @@ from ..options import validate
 from ..pruning import PruneConfig
 from ..reconstruct import ReconstructConfig
 from ..schedule import check_plan, needs_calibration
-from ..selection import prune_and_refit
+from ..selection import describe_choice, prune_and_refit
 from .options import ParallelOptions, PruningRunOptions
 from .steps import (
     calibration_windows,
-    choice_line,
     load,
     measure,
     perplexity_change,
@@ -112,7 +111,7 @@ def run(config: PruneRun) -> dict:
         print(f"requested {requested}; achieved ratio {achieved['ratio']:.4f} of total parameters, "
               f"{achieved['mlp_ratio']:.4f} of MLP neurons")
         if "selection" in report:
-            print(choice_line(report["selection"]))
+            print(describe_choice(report["selection"]))
         print(f"parameters {before.total:,} -> {achieved['params_after']:,}; MLP width {before.widths[0]} -> "
               f"{min(report['widths'])}")
         print(perplexity_change(evaluation))

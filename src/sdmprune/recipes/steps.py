@@ -93,12 +93,6 @@ def reconstruct_on(model: nn.Module, masks: NeuronMasks, windows: tuple[torch.Te
     return {**reconstruct(model, masks, ids, config, **options), "calibration": summary}
 
 
-def choice_line(choice: dict) -> str:
-    """What `--importance auto` chose and why, from its report (`prune_and_refit`'s, as in pruning.json)."""
-    tried = ", ".join(f"{label} {record['selection_ppl']:.2f}" for label, record in choice["candidates"].items())
-    return f"chose {choice['chosen']} by perplexity on {choice['windows']} further calibration windows ({tried})"
-
-
 def perplexity_change(evaluation: dict) -> str:
     if not evaluation:
         return "perplexity: not measured"
