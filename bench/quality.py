@@ -239,26 +239,26 @@ def refit_record(report: dict, seconds: float, memory: dict) -> dict:
                                                  for r in layers if "damping" in r))}
 
 
-def windows_to_refit(args, refit: str, calibration: torch.Tensor, tokenizer, seed: int, model) -> torch.Tensor:
-    """The scoring windows (nuteprune: the first of its 500 training windows, as many as the scoring methods'),
-    then, where the refit asks for more, more of the same source."""
+def windows_to_refit(args, refit: str, calibration: torch.Tensor, tokenizer, seed: int, model
+                     ) -> tuple[torch.Tensor, dict]:
+    """`(windows, summary)`: the scoring windows (nuteprune: the first of its 500 training windows, as many as the
+    scoring methods'), then, where the refit asks for more, more of the same source."""
     return extend_calibration(calibration[:args.calib_samples], REFITS[refit].refit_samples or args.calib_samples,
-                              args.calib, tokenizer, seed=seed, model=model)[0]
+                              args.calib, tokenizer, seed=seed, model=model)
 
 
 def run_choice(args, config: dict, model, tokenizer, calibration, summary, windows: dict,
                missing: list[str]) -> dict[str, dict]:
     """A method of CHOSEN choosing among candidates: one full choice per record in `missing`, each candidate's
     evaluation-set perplexities recorded beside its selection-window one."""
-    selection, _ = selection_windows(args.calib, tokenizer, seq_len=args.calib_seq_len, seed=config["seed"],
-                                     model=model)
+    selection = selection_windows(args.calib, tokenizer, seq_len=args.calib_seq_len, seed=config["seed"], model=model)
     records = {}
     for name in missing:
         refit = base_method(name)[1].removeprefix("+")
         start = time.perf_counter()
         with PeakUse() as memory:
             chosen = prune_and_refit(
-                model, build(PruneConfig, config), calibration=calibration, calibration_summary=summary,
+                model, build(PruneConfig, config), calibration=(calibration, summary),
                 refit=windows_to_refit(args, refit, calibration, tokenizer, config["seed"], model) if refit else None,
                 reconstruction=REFITS[refit] if refit else None, selection=selection, batch_size=REFIT_MICRO_BATCH,
                 inspect=lambda label: {"ppl": evaluate(model, tokenizer, windows, args.bf16)})
@@ -320,7 +320,7 @@ def run_one(args, method: str, ratio: float, seed: int, windows: dict, missing: 
             continue
         masks.bias = list(compensation)
         start = time.perf_counter()
-        refit_ids = windows_to_refit(args, refit, calibration, tokenizer, seed, model)
+        refit_ids, _ = windows_to_refit(args, refit, calibration, tokenizer, seed, model)
         with PeakUse() as refit_memory:
             report = reconstruct(model, masks, refit_ids, REFITS[refit], heads=result.heads if learned else None,
                                  micro_batch=REFIT_MICRO_BATCH, bf16=args.bf16)

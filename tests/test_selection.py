@@ -25,6 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (c
 
 CALIBRATION = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(2))
 SELECTION = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
+# (windows, summary) as the recipes pass them; the summaries only travel into the reports
+SCORING, REFIT, CHOOSING = (CALIBRATION, {"for": "scoring"}), (CALIBRATION, {"for": "refit"}), \
+    (SELECTION, {"for": "selection"})
 
 
 def prune_args(saved_model, text_file, output, importance: str) -> list[str]:
@@ -56,11 +59,14 @@ def test_the_candidate_with_the_lowest_selection_nll_is_kept_with_its_refit():
         seen[label] = perplexity(model, None, SELECTION, progress=False)["nll"]
         return {"seen": label}
 
-    chosen = prune_and_refit(model, build(PruneConfig, dict(importance="auto", mlp_ratio=0.4)), calibration=CALIBRATION,
-                             refit=CALIBRATION, reconstruction=ReconstructConfig("sequential"), selection=SELECTION,
+    chosen = prune_and_refit(model, build(PruneConfig, dict(importance="auto", mlp_ratio=0.4)), calibration=SCORING,
+                             refit=REFIT, reconstruction=ReconstructConfig("sequential"), selection=CHOOSING,
                              inspect=inspect)
     records = chosen.report["candidates"]
     assert list(records) == ["activation-wanda", "weight"] and chosen.report["windows"] == 4
+    assert chosen.report["calibration"] == {"for": "selection"}
+    assert chosen.reconstruction["calibration"] == {"for": "refit"}
+    assert chosen.result.report["calibration"] == {"for": "scoring"}
     assert chosen.report["chosen"] == min(records, key=lambda label: records[label]["selection_nll"])
     for label, record in records.items():
         assert record["seen"] == label and record["selection_nll"] == pytest.approx(seen[label], abs=1e-5)
@@ -70,7 +76,7 @@ def test_the_candidate_with_the_lowest_selection_nll_is_kept_with_its_refit():
     assert chosen_logits == pytest.approx(seen[chosen.report["chosen"]], abs=1e-6)
     named = tiny_model("llama")
     alone = prune_and_refit(named, build(PruneConfig, dict(importance=chosen.report["chosen"], mlp_ratio=0.4)),
-                            calibration=CALIBRATION, refit=CALIBRATION, reconstruction=ReconstructConfig("sequential"))
+                            calibration=SCORING, refit=REFIT, reconstruction=ReconstructConfig("sequential"))
     assert alone.report is None
     assert [torch.equal(a, b) for a, b in zip(alone.result.masks.keep, chosen.result.masks.keep, strict=True)] == \
         [True, True]
@@ -130,7 +136,7 @@ def test_refusals(saved_model, text_file, tmp_path, capsys, monkeypatch):
         prune(tiny_model("llama"), importance="auto", mlp_ratio=0.4, calibration=CALIBRATION)
     with pytest.raises(SdmpruneError, match="needs selection windows"):
         prune_and_refit(tiny_model("llama"), build(PruneConfig, dict(importance="auto", mlp_ratio=0.4)),
-                        calibration=CALIBRATION)
+                        calibration=SCORING)
     monkeypatch.setattr("sdmprune.recipes.prune.load", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main([*prune_args(saved_model, text_file, tmp_path / "out", "auto"), "--fsdp", "--reconstruct",
                  "none"]) == 2
@@ -164,6 +170,9 @@ def test_compress_with_auto_exports_what_compress_naming_the_winner_exports(save
     select = report["stages"][1]
     assert select["chosen"] == winner and list(select["candidates"]) == ["activation-wanda", "weight"]
     assert select["reconstruction"]["mode"] == "sequential" and select["seconds"] > 0
+    assert select["calibration"]["seed"] == SELECTION_SEED and select["calibration"]["tokens"] == SELECTION_WINDOWS * 24
+    refit_windows = select["reconstruction"]["calibration"]  # the 6 scoring windows, then more to --refit-samples
+    assert (refit_windows["windows"], refit_windows["from_first_draw"]) == (ReconstructConfig().refit_samples, 6)
     assert len(calls) == 2 and calls[0].shape == (SELECTION_WINDOWS, 24) and torch.equal(calls[0], calls[1])
     assert report["config"]["criterion"]["importance"] == winner
     assert report["compress"]["pruning"]["criterion"]["importance"] == "auto"

@@ -1,7 +1,8 @@
 """Score, mask and refit, choosing among candidate criteria (`--importance auto`) by held-out perplexity.
 
-    chosen = prune_and_refit(model, PruneConfig(ratio=0.3, importance="auto"), calibration=ids,
-                             refit=refit_ids, reconstruction=ReconstructConfig(), selection=selection_ids)
+    chosen = prune_and_refit(model, PruneConfig(ratio=0.3, importance="auto"), calibration=(ids, summary),
+                             refit=(refit_ids, refit_summary), reconstruction=ReconstructConfig(),
+                             selection=(selection_ids, selection_summary))
     chosen.result.masks       # the kept candidate's masks (with its refit), attached to `model`
     chosen.report             # {"chosen", "candidates": {label: {"selection_nll", ...}}, "windows", ...}
 
@@ -34,12 +35,14 @@ from .reconstruct import ReconstructConfig, reconstruct
 SELECTION_WINDOWS = 32  # × the calibration window length (256 tokens by default): 8,192 tokens, seconds a candidate
 SELECTION_SEED = 2_000_003  # added to the seed: a stream neither the scoring windows nor the refit's further ones use
 
+Windows = tuple[torch.Tensor, dict]  # (N, S) token ids and their summary, as `load_calibration` returns them
+
 
 @dataclass
 class Chosen:
     result: PruneResult  # the kept candidate's masks (refit included), attached, and its pruning report
-    reconstruction: dict | None  # its refit's report (None without --reconstruct)
-    report: dict | None  # the choice (None with a single candidate)
+    reconstruction: dict | None  # its refit's report, the refit windows' summary under "calibration" (None: no refit)
+    report: dict | None  # the choice, the selection windows' summary under "calibration" (None: a single candidate)
 
 
 def describe_choice(choice: dict) -> str:
@@ -48,7 +51,7 @@ def describe_choice(choice: dict) -> str:
     return f"chose {choice['chosen']} by perplexity on {choice['windows']} further calibration windows ({tried})"
 
 
-def selection_windows(spec: str, tokenizer, *, seq_len: int, seed: int, **options) -> tuple[torch.Tensor, dict]:
+def selection_windows(spec: str, tokenizer, *, seq_len: int, seed: int, **options) -> Windows:
     """(SELECTION_WINDOWS, seq_len) windows of the calibration source `spec` for the choice, and their summary
     (`options`: `load_calibration`'s)."""
     return load_calibration(spec, tokenizer, n_samples=SELECTION_WINDOWS, seq_len=seq_len,
@@ -64,20 +67,20 @@ def prune_and_refit(
     model: nn.Module,
     pruning: PruneConfig,
     *,
-    calibration: torch.Tensor | None,
-    calibration_summary: dict | None = None,
-    refit: torch.Tensor | None = None,
+    calibration: Windows | None,
+    refit: Windows | None = None,
     reconstruction: ReconstructConfig | None = None,
-    selection: torch.Tensor | None = None,
+    selection: Windows | None = None,
     state_dir: str | Path | None = None,
     resume: bool = False,
     batch_size: int = 1,
     inspect: Callable[[str], dict] | None = None,
     chosen_before: str | None = None,
 ) -> Chosen:
-    """`prune` then `reconstruct` on the (N, S) `refit` windows (none without `reconstruction` or with
-    `reconstruct="none"`), for each of the criterion's candidates, keeping the lowest NLL on the (n, S) `selection`
-    windows (needed with several candidates; measured `batch_size` windows at a time). `inspect(label)`, when
+    """`prune` on the `calibration` windows (None: a data-free criterion) then `reconstruct` on the `refit` windows
+    (none without `reconstruction` or with `reconstruct="none"`), for each of the criterion's candidates, keeping
+    the lowest NLL on the `selection` windows (needed with several candidates; measured `batch_size` windows at a
+    time). Each is `(ids (N, S), summary)`. `inspect(label)`, when
     given, is called while each candidate's masks are on; what it returns goes into that candidate's record.
     `chosen_before`: the candidate an earlier run with the same settings kept (a resumed pipeline past this step):
     only that one is run again, from its saved state, and the report is None."""
@@ -89,16 +92,18 @@ def prune_and_refit(
         if chosen_before not in candidates or len(candidates) == 1:
             raise SdmpruneError(f"'{chosen_before}' is not one of the candidates {', '.join(candidates)}")
         return prune_and_refit(model, replace(pruning, criterion=candidates[chosen_before]), calibration=calibration,
-                               calibration_summary=calibration_summary, refit=refit, reconstruction=reconstruction,
+                               refit=refit, reconstruction=reconstruction,
                                state_dir=candidate_dir(state_dir, chosen_before), resume=resume)
     if len(candidates) > 1 and selection is None:
         raise SdmpruneError(f"choosing among {', '.join(candidates)} needs selection windows: pass `selection`")
 
+    ids, summary = calibration if calibration is not None else (None, None)
+
     def run(criterion, directory: str | Path | None) -> Chosen:
-        result = prune(model, replace(pruning, criterion=criterion), calibration=calibration,
-                       calibration_summary=calibration_summary, state_dir=directory, resume=resume)
-        refitted = reconstruct(model, result.masks, refit, reconstruction, micro_batch=pruning.micro_batch,
-                               bf16=pruning.runtime.bf16) if refits else None
+        result = prune(model, replace(pruning, criterion=criterion), calibration=ids, calibration_summary=summary,
+                       state_dir=directory, resume=resume)
+        refitted = {**reconstruct(model, result.masks, refit[0], reconstruction, micro_batch=pruning.micro_batch,
+                                  bf16=pruning.runtime.bf16), "calibration": refit[1]} if refits else None
         return Chosen(result, refitted, None)
 
     if len(candidates) == 1:
@@ -108,7 +113,7 @@ def prune_and_refit(
     for label, criterion in candidates.items():
         start = time.perf_counter()
         runs[label] = run(criterion, candidate_dir(state_dir, label))
-        measured = perplexity(model, None, selection, batch_size=batch_size, bf16=pruning.runtime.bf16,
+        measured = perplexity(model, None, selection[0], batch_size=batch_size, bf16=pruning.runtime.bf16,
                               progress=False)
         records[label] = {"selection_nll": round(measured["nll"], 5), "selection_ppl": round(measured["ppl"], 3),
                           "seconds": round(time.perf_counter() - start, 1), **(inspect(label) if inspect else {})}
@@ -118,6 +123,6 @@ def prune_and_refit(
     chosen = min(records, key=lambda label: records[label]["selection_nll"])
     kept = runs[chosen]
     kept.result.masks.attach()
-    report = {"chosen": chosen, "candidates": records, "windows": int(selection.shape[0]),
-              "tokens_per_window": int(selection.shape[1])}
+    report = {"chosen": chosen, "candidates": records, "windows": int(selection[0].shape[0]),
+              "tokens_per_window": int(selection[0].shape[1]), "calibration": selection[1]}
     return Chosen(kept.result, kept.reconstruction, report)

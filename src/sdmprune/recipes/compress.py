@@ -309,13 +309,12 @@ def run(config: CompressRun) -> dict:
         options = replace(config.evaluation, ppl_data=text)
         if (text_windows := perplexity_windows(options, config.data, model, tokenizer)) is not None:
             windows.append((options, text_windows))
-    calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
-                                               pruning.runtime.seed)
+    calibration = calibration_windows(config.calibration, config.data, model, tokenizer, pruning.runtime.seed)
     names_in_plan = [stage["stage"] for stage in stages]
-    windows_to_refit = windows_to_select = (None, None)
+    windows_to_refit = windows_to_select = None  # each (ids, summary) where needed
     if config.reconstruction.reconstruct != "none":
         windows_to_refit = refit_windows(config.reconstruction, config.calibration, config.data, model, tokenizer,
-                                         pruning.runtime.seed, calibration)
+                                         pruning.runtime.seed, calibration[0])
     if "select" in names_in_plan:
         windows_to_select = selection_windows(config.calibration, config.data, model, tokenizer, pruning.runtime.seed)
     data = recovery_data(config, model, tokenizer) if config.source.recover_data != "none" else None
@@ -370,21 +369,21 @@ def run(config: CompressRun) -> dict:
     if "select" in names_in_plan:
         started = begin(2, "select")
         # a resumed run past this stage reruns only the candidate it kept (deterministic: the same refit)
-        chosen = prune_and_refit(model, pruning, calibration=calibration, calibration_summary=summary,
-                                 refit=windows_to_refit[0], reconstruction=config.reconstruction,
-                                 selection=windows_to_select[0], state_dir=output / "stages" / "prune", resume=resume,
+        chosen = prune_and_refit(model, pruning, calibration=calibration, refit=windows_to_refit,
+                                 reconstruction=config.reconstruction, selection=windows_to_select,
+                                 state_dir=output / "stages" / "prune", resume=resume,
                                  batch_size=config.evaluation.eval_batch_size,
                                  chosen_before=reports.get("select", {}).get("chosen"))
         result, masks = chosen.result, chosen.result.masks
         if chosen.report is not None:
-            reports["select"] = {**chosen.report, "calibration": windows_to_select[1]}
+            reports["select"] = dict(chosen.report)
             if chosen.reconstruction is not None:
-                reports["select"]["reconstruction"] = {**chosen.reconstruction, "calibration": windows_to_refit[1]}
+                reports["select"]["reconstruction"] = chosen.reconstruction
         finish("select", started, "selected")
         export_stage("selected", masks, {**result.report, "selection": reports["select"]})
     else:
         started = begin(2, "prune")
-        chosen = prune_and_refit(model, pruning, calibration=calibration, calibration_summary=summary,
+        chosen = prune_and_refit(model, pruning, calibration=calibration,
                                  state_dir=output / "stages" / "prune", resume=resume)
         result, masks = chosen.result, chosen.result.masks
         finish("prune", started, "pruned")

@@ -66,15 +66,15 @@ def run(config: PruneRun) -> dict:
     before = count_parameters(model)
     check_plan(model, pruning)
     windows = perplexity_windows(config.evaluation, config.data, model, tokenizer)
-    calibration, summary, windows_to_refit, selection = None, None, (None, None), (None, None)
+    calibration = windows_to_refit = selection = None  # each (ids, summary) where needed
     refit = config.reconstruction.reconstruct
     if needs_calibration(pruning, model) or refit != "none":
         try:
-            calibration, summary = calibration_windows(config.calibration, config.data, model, tokenizer,
-                                                       pruning.runtime.seed)
+            calibration = calibration_windows(config.calibration, config.data, model, tokenizer,
+                                              pruning.runtime.seed)
             if refit != "none":
                 windows_to_refit = refit_windows(config.reconstruction, config.calibration, config.data, model,
-                                                 tokenizer, pruning.runtime.seed, calibration)
+                                                 tokenizer, pruning.runtime.seed, calibration[0])
             if choosing:
                 selection = selection_windows(config.calibration, config.data, model, tokenizer, pruning.runtime.seed)
         except SdmpruneError as error:
@@ -87,14 +87,14 @@ def run(config: PruneRun) -> dict:
         evaluation["before"] = measure(model, tokenizer, windows, config.evaluation, pruning.runtime.bf16)
     clear_for_new_run(output, resume)
     # deterministic: a resumed run refits (and measures the candidates) again
-    chosen = prune_and_refit(model, pruning, calibration=calibration, calibration_summary=summary,
-                             refit=windows_to_refit[0], reconstruction=config.reconstruction, selection=selection[0],
-                             state_dir=output, resume=resume, batch_size=config.evaluation.eval_batch_size)
+    chosen = prune_and_refit(model, pruning, calibration=calibration, refit=windows_to_refit,
+                             reconstruction=config.reconstruction, selection=selection, state_dir=output,
+                             resume=resume, batch_size=config.evaluation.eval_batch_size)
     result = chosen.result
     if chosen.reconstruction is not None:
-        result.report["reconstruction"] = {**chosen.reconstruction, "calibration": windows_to_refit[1]}
+        result.report["reconstruction"] = chosen.reconstruction
     if chosen.report is not None:
-        result.report["selection"] = {**chosen.report, "calibration": selection[1]}
+        result.report["selection"] = chosen.report
     if windows is not None:
         evaluation["after"] = measure(model, tokenizer, windows, config.evaluation, pruning.runtime.bf16)
     report = {**result.report, "source_model": config.model.model, "evaluation": evaluation}
