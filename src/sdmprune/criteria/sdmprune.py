@@ -70,8 +70,8 @@ class SDMPrune(Criterion):
         "activation = sum over tokens of |a*dL/da| at the neuron's output | fisher = sum over tokens of "
         "(a*dL/da)^2 | weight-wanda = geometric mean of the weight-space Taylor score and structured Wanda's | "
         "auto = run activation-wanda and weight (and the refit) in turn, keep the one with the lower perplexity on "
-        "held-out calibration windows (compress's default: it kept the lower of the two in 5 of 6 records measured, "
-        "README, Reconstruction; 2x the scoring and refit time)",
+        "held-out calibration windows (compress's default: how often it kept the lower of the two is in the README, "
+        "Reconstruction; 2x the scoring and refit time)",
         choices=IMPORTANCES))
     teacher: Teacher = registered(TEACHERS, "masks-off", "the teacher of the self-distillation loss")
 
