@@ -80,8 +80,8 @@ def prune_and_refit(
     """`prune` on the `calibration` windows (None: a data-free criterion) then `reconstruct` on the `refit` windows
     (none without `reconstruction` or with `reconstruct="none"`), for each of the criterion's candidates, keeping
     the lowest NLL on the `selection` windows (needed with several candidates; measured `batch_size` windows at a
-    time). Each is `(ids (N, S), summary)`. `inspect(label)`, when
-    given, is called while each candidate's masks are on; what it returns goes into that candidate's record.
+    time). Each is `(ids (N, S), summary)`; the summaries go into the reports. `inspect(label)`, when given, is
+    called while each candidate's masks are on; what it returns goes into that candidate's record.
     `chosen_before`: the candidate an earlier run with the same settings kept (a resumed pipeline past this step):
     only that one is run again, from its saved state, and the report is None."""
     candidates = pruning.criterion.candidates()
