@@ -29,6 +29,7 @@ from .data import load_calibration
 from .distributed import is_main
 from .errors import SdmpruneError
 from .evaluation.perplexity import perplexity
+from .masks import NeuronMasks
 from .pruning import PruneConfig, PruneResult, prune
 from .reconstruct import ReconstructConfig, reconstruct
 
@@ -56,6 +57,13 @@ def selection_windows(spec: str, tokenizer, *, seq_len: int, seed: int, **option
     (`options`: `load_calibration`'s)."""
     return load_calibration(spec, tokenizer, n_samples=SELECTION_WINDOWS, seq_len=seq_len,
                             seed=seed + SELECTION_SEED, **options)
+
+
+def reconstruct_on(model: nn.Module, masks: NeuronMasks, windows: Windows, config: ReconstructConfig | None,
+                   **options) -> dict:
+    """`reconstruct` on `windows` (`options`: its keywords); its report, with their summary under "calibration"."""
+    ids, summary = windows
+    return {**reconstruct(model, masks, ids, config, **options), "calibration": summary}
 
 
 def candidate_dir(state_dir: str | Path | None, label: str) -> Path | None:
@@ -102,8 +110,8 @@ def prune_and_refit(
     def run(criterion, directory: str | Path | None) -> Chosen:
         result = prune(model, replace(pruning, criterion=criterion), calibration=ids, calibration_summary=summary,
                        state_dir=directory, resume=resume)
-        refitted = {**reconstruct(model, result.masks, refit[0], reconstruction, micro_batch=pruning.micro_batch,
-                                  bf16=pruning.runtime.bf16), "calibration": refit[1]} if refits else None
+        refitted = reconstruct_on(model, result.masks, refit, reconstruction, micro_batch=pruning.micro_batch,
+                                  bf16=pruning.runtime.bf16) if refits else None
         return Chosen(result, refitted, None)
 
     if len(candidates) == 1:

@@ -42,7 +42,7 @@ from ..recovery.finetune import RecoveryOptions, run_teacher, train
 from ..recovery.targets import Teacher, TeacherOutput
 from ..runtime import PeakMemory, context_length, use_bf16
 from ..schedule import check_plan
-from ..selection import SELECTION_WINDOWS, describe_choice, prune_and_refit
+from ..selection import SELECTION_WINDOWS, describe_choice, prune_and_refit, reconstruct_on
 from .options import PerplexityOptions, PruningRunOptions, TaskOptions
 from .prune import FINISHED
 from .steps import (
@@ -50,7 +50,6 @@ from .steps import (
     load,
     measure,
     perplexity_windows,
-    reconstruct_on,
     refit_windows,
     say,
     selection_windows,

@@ -21,6 +21,7 @@ from ..export import export_pruned
 from ..nuteprune import NutePruneConfig, nuteprune, write_training_outputs
 from ..options import validate
 from ..reconstruct import ReconstructConfig
+from ..selection import reconstruct_on
 from .options import PruningRunOptions
 from .prune import FINISHED
 from .steps import (
@@ -29,7 +30,6 @@ from .steps import (
     measure,
     perplexity_change,
     perplexity_windows,
-    reconstruct_on,
     refit_windows,
 )
 

@@ -14,9 +14,8 @@ from ..data.text import data_dir as local_data_dir
 from ..data.text import hub_reachable
 from ..distributed import is_main
 from ..evaluation.perplexity import perplexity, tokenize_windows
-from ..masks import NeuronMasks
 from ..models import load_model
-from ..reconstruct import ReconstructConfig, reconstruct
+from ..reconstruct import ReconstructConfig
 from ..selection import selection_windows as draw_selection_windows
 from .options import CalibrationOptions, DataOptions, ModelOptions, PerplexityOptions
 
@@ -83,14 +82,6 @@ def selection_windows(options: CalibrationOptions, data: DataOptions, model: nn.
     --calib that neither the scoring nor the refit sees."""
     return draw_selection_windows(options.calib, tokenizer, seq_len=options.calib_seq_len, seed=seed,
                                   **_source(options, data, model))
-
-
-def reconstruct_on(model: nn.Module, masks: NeuronMasks, windows: tuple[torch.Tensor, dict], config: ReconstructConfig,
-          **options) -> dict:
-    """`reconstruct` on the `(windows, summary)` of `refit_windows` (`options`: its keywords); its report, with the
-    summary under "calibration"."""
-    ids, summary = windows
-    return {**reconstruct(model, masks, ids, config, **options), "calibration": summary}
 
 
 def perplexity_change(evaluation: dict) -> str:
