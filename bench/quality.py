@@ -411,7 +411,10 @@ def paired_difference(records: dict, method: str, baseline: str, ratio: float, n
     mean, std = statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
     p = None
     if len(diffs) > 1:
-        p = two_sided_t_p_value(mean / (std / math.sqrt(len(diffs))), len(diffs) - 1) if std > 0 else 0.0
+        if std > 0:
+            p = two_sided_t_p_value(mean / (std / math.sqrt(len(diffs))), len(diffs) - 1)
+        else:  # every seed the same difference: certain if it is not zero, no evidence at all if it is
+            p = 0.0 if mean else 1.0
     return {"mean": mean, "std": std, "n": len(diffs), "p": p, "eval_rel_err": statistics.fmean(noise)}
 
 
@@ -528,6 +531,28 @@ def choice_table(records: dict, sets: dict[str, str]) -> list[str]:
             lines.append(f"| {record['method']} | {record['ratio']:.0%} | {record['seed']} | {mark}{label}{mark} | "
                          f"{candidate['selection_ppl']:.2f} | "
                          + " | ".join(f"{candidate['ppl'][name]['ppl']:.2f}" for name in sets) + " |")
+    return [*lines, "", *choice_gain_table(records, chosen, sets)]
+
+
+def choice_gain_table(records: dict, chosen: list[str], sets: dict[str, str]) -> list[str]:
+    """Per (choosing method, ratio, candidate): PPL(kept) − PPL(candidate) paired over seeds on each evaluation
+    set, i.e. what choosing gained over always running that one candidate."""
+    as_records = {f"{key}|{label}": {"method": f"{records[key]['method']}:{label}", "ratio": records[key]["ratio"],
+                                     "seed": records[key]["seed"], "ppl": candidate["ppl"]}
+                  for key in chosen for label, candidate in records[key]["selection"]["candidates"].items()}
+    both = {**{key: records[key] for key in chosen}, **as_records}
+    groups = sorted({(records[key]["method"], records[key]["ratio"], label)
+                     for key in chosen for label in records[key]["selection"]["candidates"]})
+    lines = ["Kept against always running one candidate: PPL(kept) − PPL(candidate), paired over seeds, mean ± std "
+             "(n; p: two-sided paired t-test over seeds, from 2 seeds).", "",
+             "| record | ratio | candidate | " + " | ".join(sets.values()) + " |", "|---|---|---|" + "---|" * len(sets)]
+    for method, ratio, label in groups:
+        cells = []
+        for name in sets:
+            diff = paired_difference(both, method, f"{method}:{label}", ratio, name)
+            p = "" if diff["p"] is None else f", p={diff['p']:.3f}"
+            cells.append(f"{diff['mean']:+.2f} ± {diff['std']:.2f} (n={diff['n']}{p})")
+        lines.append(f"| {method} | {ratio:.0%} | {label} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
