@@ -41,6 +41,24 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def manual_report(mlp_ratio: float | None = None, widths_before: tuple[int, ...] = (64, 64)) -> dict:
+    """The report `export_pruned` needs for masks set by hand on a tiny model (no parameter counts)."""
+    return {"method": "manual", "requested": {"ratio": None, "mlp_ratio": mlp_ratio}, "seed": 0,
+            "achieved": {"ratio": 0.0, "mlp_ratio": mlp_ratio or 0.0, "params_before": 0, "params_after": 0},
+            "widths_before": list(widths_before)}
+
+
+def random_keep(widths: tuple[int, ...] = (40, 24), intermediate: int = 64, seed: int = 0) -> list[torch.Tensor]:
+    """Per layer, a boolean keep mask over `intermediate` neurons with `widths[layer]` of them kept at random."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for width in widths:
+        mask = torch.zeros(intermediate, dtype=torch.bool)
+        mask[torch.randperm(intermediate, generator=generator)[:width]] = True
+        keep.append(mask)
+    return keep
+
+
 def byte_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with 256 byte tokens + EOS; with `bos` also a BOS token that, like SmolLM2's
     tokenizer, it defines but does not add."""

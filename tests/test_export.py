@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, manual_report, random_keep, tiny_model
 from transformers import AutoModelForCausalLM
 
 from sdmprune import SdmpruneError, count_parameters, export_pruned, load_model, load_pruned, prune
@@ -55,25 +55,12 @@ def test_masks_off_is_the_dense_model():
     assert torch.equal(logits(model), dense)
 
 
-def non_uniform_masks(model) -> NeuronMasks:
-    generator = torch.Generator().manual_seed(0)
-    keep = []
-    for width in (40, 24):
-        mask = torch.zeros(64, dtype=torch.bool)
-        mask[torch.randperm(64, generator=generator)[:width]] = True
-        keep.append(mask)
-    return NeuronMasks(model, keep)
-
-
 @pytest.mark.parametrize("padded", [False, True])
 def test_per_layer_widths(tokenizer, tmp_path, padded):
     model = tiny_model("qwen2")
-    masks = non_uniform_masks(model)
+    masks = NeuronMasks(model, random_keep())
     masked = logits(model)
-    report = {"method": "manual", "requested": {"ratio": None, "mlp_ratio": None}, "seed": 0,
-              "achieved": {"ratio": 0.0, "mlp_ratio": 0.5, "params_before": 0, "params_after": 0},
-              "widths_before": [64, 64]}
-    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=report, padded=padded)
+    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=manual_report(), padded=padded)
     record = json.loads((out / "pruning.json").read_text())
     assert record["widths"] == [40, 24]
     assert record["export"]["layout"] == ("padded" if padded else "per-layer")

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, manual_report, random_keep, tiny_model
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -46,12 +46,6 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 def logits(model) -> torch.Tensor:
     with torch.inference_mode():
         return model(input_ids=IDS).logits
-
-
-def report(widths_before: list[int]) -> dict:
-    return {"method": "manual", "requested": {"ratio": None, "mlp_ratio": None}, "seed": 0,
-            "achieved": {"ratio": 0.0, "mlp_ratio": 0.5, "params_before": 0, "params_after": 0},
-            "widths_before": widths_before}
 
 
 def tiny(arch: str, **overrides):
@@ -175,15 +169,9 @@ def test_rows_that_are_not_whole_blocks_fall_back_to_f16(tmp_path):
 def non_uniform_export(arch: str, tmp_path, heads: bool = False, padded: bool = False):
     """Widths 40 and 24 (of 64); with `heads`, layer 0 keeps one key/value group of two."""
     model = tiny(arch)
-    generator = torch.Generator().manual_seed(0)
-    keep = []
-    for width in (40, 24):
-        mask = torch.zeros(64, dtype=torch.bool)
-        mask[torch.randperm(64, generator=generator)[:width]] = True
-        keep.append(mask)
     head_masks = HeadMasks(model, [torch.tensor([False, True]), torch.tensor([True, True])]) if heads else None
-    return export_pruned(model, bpe_tokenizer(), NeuronMasks(model, keep), tmp_path / f"{arch}-per-layer",
-                         report=report([64, 64]), heads=head_masks, padded=padded)
+    return export_pruned(model, bpe_tokenizer(), NeuronMasks(model, random_keep()), tmp_path / f"{arch}-per-layer",
+                         report=manual_report(), heads=head_masks, padded=padded)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -225,7 +213,7 @@ def test_uniform_heads_removed(tmp_path):
         model = tiny(arch)
         heads = HeadMasks(model, [torch.tensor([False, True]), torch.tensor([True, False])])
         widths = NeuronMasks(model, [torch.ones(64, dtype=torch.bool)] * 2)
-        out = export_pruned(model, bpe_tokenizer(), widths, tmp_path / arch, report=report([64, 64]), heads=heads)
+        out = export_pruned(model, bpe_tokenizer(), widths, tmp_path / arch, report=manual_report(), heads=heads)
         path = export_gguf(out, dtype="f32", verify=True)
         reader = GGUFReader(path)
         assert field(reader, "general.architecture") == expected_arch

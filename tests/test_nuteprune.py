@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, manual_report, tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -188,10 +188,7 @@ def test_attention_groups_export_for_every_architecture(arch, tokenizer, tmp_pat
     masks = NeuronMasks(model, [torch.arange(64) % 3 != 0, torch.arange(64) % 2 == 0])
     heads = HeadMasks(model, [torch.tensor([False, True]), torch.tensor([True, True])])
     masked = logits(model)
-    report = {"method": "manual", "requested": {"ratio": None, "mlp_ratio": None}, "seed": 0,
-              "achieved": {"ratio": 0.0, "mlp_ratio": 0.0, "params_before": 0, "params_after": 0},
-              "widths_before": [64, 64]}
-    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=report, heads=heads)
+    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=manual_report(), heads=heads)
     reloaded, _ = load_pruned(out, dtype="float32", device="cpu")
     assert (logits(reloaded) - masked).abs().max().item() <= 1e-4
     assert sum(p.numel() for p in reloaded.parameters()) == count.after([42, 32], [1, 2])

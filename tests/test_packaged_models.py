@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, manual_report, tiny_model
 from safetensors.torch import load_file
 from tokenizers import pre_tokenizers
 from transformers import AutoModelForCausalLM
@@ -220,10 +220,7 @@ def test_gemma3_heads_and_neurons_export_and_reload(tokenizer, tmp_path, padded)
     masks = NeuronMasks(model, [torch.arange(64) % 3 != 0, torch.arange(64) % 2 == 0])
     heads = HeadMasks(model, [torch.tensor([False, True]), torch.tensor([True, True])])
     masked = logits(model)
-    report = {"method": "manual", "requested": {"ratio": None, "mlp_ratio": None}, "seed": 0,
-              "achieved": {"ratio": 0.0, "mlp_ratio": 0.0, "params_before": 0, "params_after": 0},
-              "widths_before": [64, 64]}
-    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=report, heads=heads, padded=padded)
+    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=manual_report(), heads=heads, padded=padded)
     reloaded, _ = load_pruned(out, dtype="float32", device="cpu")
     assert (logits(reloaded) - masked).abs().max().item() <= 1e-4
     if padded:

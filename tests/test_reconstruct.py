@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, manual_report, tiny_model
 from transformers import AutoModelForCausalLM
 
 import sdmprune.reconstruct as reconstruction
@@ -29,8 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (c
 
 CALIBRATION = torch.randint(0, VOCAB, (6, 24), generator=torch.Generator().manual_seed(2))  # 144 tokens > width 64
 IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-REPORT = {"method": "manual", "requested": {"ratio": None, "mlp_ratio": 0.4}, "seed": 0, "widths_before": [64, 64],
-          "achieved": {"ratio": 0.0, "mlp_ratio": 0.4, "params_before": 0, "params_after": 0}}
 
 
 def logits(model) -> torch.Tensor:
@@ -282,7 +280,7 @@ def test_exported_model_computes_the_refitted_one(arch, mode, tokenizer, tmp_pat
     # Gemma normalises the MLP output before the residual addition: its drift cannot be fitted (test_refusals)
     reconstruct(model, masks, CALIBRATION, ReconstructConfig(mode, drift=0.0 if arch == "gemma3_text" else 0.5))
     expected = logits(model)
-    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=REPORT)
+    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=manual_report(0.4))
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert reloaded.config.intermediate_size == masks.widths[0] == 38
     assert (logits(reloaded) - expected).abs().max().item() <= 1e-4
@@ -293,7 +291,7 @@ def test_exported_llama_carries_the_intercept(tokenizer, tmp_path):
     masks = random_masks(model)
     reconstruct(model, masks, CALIBRATION, ReconstructConfig("sequential", intercept=True, refit_holdout=0))
     expected = logits(model)
-    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=REPORT)
+    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=manual_report(0.4))
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert reloaded.config.mlp_bias
     torch.testing.assert_close(reloaded.model.layers[0].mlp.down_proj.bias, masks.bias[0])
@@ -407,7 +405,7 @@ def test_exported_model_without_attention_groups_computes_the_refitted_one(arch,
     assert not torch.equal(expected, plain)
     with masks.disabled(), heads.disabled():
         assert torch.equal(logits(model), dense)
-    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=REPORT, heads=heads)
+    out = export_pruned(model, tokenizer, masks, tmp_path / "out", report=manual_report(0.4), heads=heads)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert reloaded.config.num_key_value_heads == 1
     assert (logits(reloaded) - expected).abs().max().item() <= 1e-4
