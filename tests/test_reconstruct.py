@@ -257,6 +257,24 @@ def test_sequential_tracks_the_dense_model_better_on_its_calibration():
     assert distances["sequential"] < distances["one-shot"]
 
 
+def test_the_pruned_stream_is_the_masked_model_s(arch):
+    """Each layer is fitted on the pruned stream the layers below it produce: the report's hidden-state drift after
+    every layer equals the masked-and-refitted model's own, though the stream after a layer that adds its MLP's
+    output is built from the captured down_proj inputs rather than by running the layer again."""
+    model = tiny_model(arch, num_hidden_layers=3)
+    masks = NeuronMasks(model, [torch.arange(64) % 3 != 0] * 3)
+    config = ReconstructConfig("sequential", 1e-3, refit_holdout=0)  # every layer refitted
+    report = reconstruct(model, masks, CALIBRATION, config, micro_batch=2)
+    with torch.inference_mode():
+        pruned = model.model(input_ids=CALIBRATION, output_hidden_states=True).hidden_states[1:]
+        with masks.disabled():
+            dense = model.model(input_ids=CALIBRATION, output_hidden_states=True).hidden_states[1:]
+    for row, p, d in zip(report["layers"], pruned[:-1], dense[:-1], strict=False):  # the last is normalised
+        expected = ((p - d).pow(2).sum(-1) / d.pow(2).sum(-1)).mean().item()
+        assert row["hidden_error"] == pytest.approx(expected, rel=1e-4), row["layer"]
+    assert report["layers"][0]["hidden_error"] > 0
+
+
 @pytest.mark.parametrize("mode", ["one-shot", "sequential"])
 def test_masks_off_is_exactly_the_dense_model_after_reconstruction(mode):
     model = tiny_model("llama")
