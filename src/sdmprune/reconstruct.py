@@ -38,7 +38,7 @@ model for one-shot, two layer passes per layer for sequential (three where o_pro
 sums of one layer in memory at a time. Where the layer adds its MLP's output to the residual stream as it is
 (Llama, Mistral, Qwen; checked on the first micro-batch), the pruned stream after a refitted layer is the stream
 before its MLP plus the refitted down_proj on the kept inputs already captured, so the layer is not run a third
-time (it was a quarter of the refit's time); this keeps the layer's kept down_proj inputs, (tokens, k) in their
+time (a fifth of the refit's time, measured); this keeps the layer's kept down_proj inputs, (tokens, k) in their
 own dtype, until the layer is done. The refit goes into the masks (`NeuronMasks.weight`, `.bias`), never into
 the model's weights: with the masks off the model stays exactly the dense one, and `export_pruned` writes it.
 
