@@ -74,10 +74,18 @@ class ChannelMasks:
             if not self.enabled or (weight is None and bias is None):
                 return None
             if weight is not None:  # args: the masked input; the dense product is discarded
-                output = F.linear(args[0], weight, module.bias)
-            return output if bias is None else output + bias.to(output.dtype)
+                return self.refitted_output(layer, module, args[0])
+            return output + bias.to(output.dtype)
 
         return replace
+
+    def refitted_output(self, layer: int, linear: nn.Module, inputs: torch.Tensor,
+                        channels: torch.Tensor | None = None) -> torch.Tensor:
+        """`linear`'s output with layer `layer`'s refit (`weight[l]`, set, and `bias[l]`) on `inputs`: the masked
+        input (..., in), or with `channels` (k,) the kept input channels alone (..., k)."""
+        weight, bias = self.weight[layer], self.bias[layer]
+        output = F.linear(inputs, weight if channels is None else weight[:, channels], linear.bias)
+        return output if bias is None else output + bias.to(output.dtype)
 
     def channel_mask(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s mask over the linear's input channels, (in,)."""

@@ -56,7 +56,6 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -441,13 +440,8 @@ class _LinearRefit:
         """The solved linear's output on each kept pass's inputs, (tokens, out), as the masked model computes it:
         the refit (or plain masked) weight on the kept channels, the linear's own bias and the refit's bias."""
         linear = self.masks.linears[self.layer]
-        weight, bias = self.masks.weight[self.layer][:, self.kept], self.masks.bias[self.layer]
-        results = []
         with torch.inference_mode(), autocast_context(device, bf16):
-            for inputs in self.kept_inputs:
-                output = F.linear(inputs, weight, linear.bias)
-                results.append(output if bias is None else output + bias.to(output.dtype))
-        return results
+            return [self.masks.refitted_output(self.layer, linear, inputs, self.kept) for inputs in self.kept_inputs]
 
 
 @contextmanager
