@@ -4,13 +4,15 @@ fp32 (the CPU default) and under bf16 autocast.
     SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/perf_scale.py                       # 1.5B, both
     SDMPRUNE_DATA_DIR=../shared/data .venv/bin/python bench/perf_scale.py --precisions fp32
 
-Each run is the default recipe (the preset's cold start and distillation pass, uniform widths, the sequential
-refit with the held-out damping, the export to safetensors) on --calib-samples C4 windows of 256 tokens (32 =
-8,192 tokens, as bench/quality.py, by default), with the perplexity evaluation off so that the figure is the
-pruning alone. Recorded: wall time of the whole process (load, calibration, the stages, the export), each
-stage's seconds from the run's pruning.json, and the process's peak resident memory (the model is memory-mapped
-from the cache, so its weights count once they are read). Runs are merged into results/perf_scale.{json,md,png}
-by model and precision; the export goes to a temporary directory that is removed afterwards.
+Each run is the default recipe with one importance, the preset's (`--importance activation-wanda`: its cold start
+and distillation pass, uniform widths, the sequential refit with the held-out damping, the export to safetensors;
+prune's default since 2026-12-07, `--importance auto`, runs the scoring and the refit once for each of two
+importances) on --calib-samples C4 windows of 256 tokens (32 = 8,192 tokens, as bench/quality.py, by default),
+with the perplexity evaluation off so that the figure is the pruning alone. Recorded: wall time of the whole
+process (load, calibration, the stages, the export), each stage's seconds from the run's pruning.json, and the
+process's peak resident memory (the model is memory-mapped from the cache, so its weights count once they are
+read). Runs are merged into results/perf_scale.{json,md,png} by model and precision; the export goes to a
+temporary directory that is removed afterwards.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ def run_prune(args: argparse.Namespace, precision: str) -> dict:
     with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="perf_scale-") as tmp:
         output = Path(tmp) / "pruned"
         command = [sys.executable, "-m", "sdmprune.cli", "prune", "--model", args.model, "--ratio", str(args.ratio),
-                   "--calib-samples", str(args.calib_samples), "--ppl-data", "none", PRECISIONS[precision],
-                   "--output", str(output)]
+                   "--importance", "activation-wanda", "--calib-samples", str(args.calib_samples), "--ppl-data",
+                   "none", PRECISIONS[precision], "--output", str(output)]
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log = process.stdout.read()
@@ -71,7 +73,7 @@ def run_prune(args: argparse.Namespace, precision: str) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Cost of a whole pruning run (`sdmprune prune`, default recipe, perplexity off)", "",
+    lines = ["# Cost of a whole pruning run (`sdmprune prune`, the preset, perplexity off)", "",
              "One process per run; wall time covers loading the cached model, calibration, the stages and the "
              "export; *other* = wall − the stages (load, calibration, export). Peak RSS is the process's "
              "high-water mark (the cached weights are memory-mapped and count once read).", "",

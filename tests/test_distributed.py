@@ -1,6 +1,7 @@
 """Two processes (torchrun, Gloo on the CPU) give the single-process result: the same scores within fp32
 summation-order noise and identical masks for every criterion tested, with and without FSDP; a sharded CLI
-run killed mid-schedule resumes to the single-process export; LoRA recovery on two processes matches one."""
+run killed mid-schedule resumes to the single-process export; `prune`'s default (--importance auto and the refit)
+keeps the same candidate and refits it alike; LoRA recovery on two processes matches one."""
 
 from __future__ import annotations
 
@@ -139,9 +140,10 @@ KILL_SCRIPT = sigkill_at_loss_script('calls == 7 and os.environ["RANK"] == "1"')
 
 
 def prune_args(model: Path, calib: Path, output: Path) -> list[str]:
-    return ["prune", "--model", str(model), "--criterion", "sdmprune", "--mlp-ratio", "0.5", "--steps", "2",
-            "--cold-start", "0.1", "--calib", str(calib), "--calib-samples", "5", "--calib-seq-len", "32",
-            "--ppl-data", str(calib), "--seq-len", "32", "--reconstruct", "none", "--output", str(output)]
+    return ["prune", "--model", str(model), "--criterion", "sdmprune", "--importance", "activation-wanda",
+            "--mlp-ratio", "0.5", "--steps", "2", "--cold-start", "0.1", "--calib", str(calib), "--calib-samples", "5",
+            "--calib-seq-len", "32", "--ppl-data", str(calib), "--seq-len", "32", "--reconstruct", "none",
+            "--output", str(output)]
 
 
 def test_fsdp_cli_run_killed_and_resumed_exports_the_single_process_model(saved_model, text_file, tmp_path):
@@ -165,3 +167,22 @@ def test_fsdp_cli_run_killed_and_resumed_exports_the_single_process_model(saved_
     assert weights_one.keys() == weights_two.keys()
     for name in weights_one:  # pruning never changes a weight: the gathered export is bit-identical
         assert torch.equal(weights_one[name], weights_two[name]), name
+
+
+def test_prune_default_auto_in_two_processes_keeps_and_refits_what_one_process_does(saved_model, text_file,
+                                                                                   tmp_path):
+    args = ["prune", "--model", str(saved_model), "--mlp-ratio", "0.5", "--cold-start", "0.1", "--calib",
+            str(text_file), "--calib-samples", "5", "--calib-seq-len", "32", "--ppl-data", "none"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert main([*args, "--output", str(single)]) == 0
+    process = torchrun("-m", "sdmprune.cli", *args, "--output", str(multi))
+    assert process.returncode == 0, process.stderr[-3000:]
+    one, two = (json.loads((d / "pruning.json").read_text()) for d in (single, multi))
+    assert one["selection"]["chosen"] == two["selection"]["chosen"] and len(one["selection"]["candidates"]) == 2
+    for label, record in one["selection"]["candidates"].items():
+        assert two["selection"]["candidates"][label]["selection_nll"] == pytest.approx(record["selection_nll"],
+                                                                                       rel=1e-4)
+    assert two["kept_indices"] == one["kept_indices"] and "reconstruction" in two
+    weights_one, weights_two = (load_file(d / "model.safetensors") for d in (single, multi))
+    for name in weights_one:  # the refit solves on Gram matrices summed over the processes
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-6, msg=name)

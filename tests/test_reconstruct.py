@@ -472,4 +472,11 @@ def test_default_drift_is_a_quarter_or_zero_where_the_mlp_output_is_normalised()
 def test_fsdp_with_reconstruction_is_refused_before_any_work(saved_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sdmprune.recipes.prune.load", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["prune", "--model", str(saved_model), "--fsdp", "--output", str(tmp_path / "out")]) == 2
-    assert "--reconstruct sequential does not run on an FSDP-sharded model yet" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --fsdp cannot run --reconstruct sequential (not yet) nor --importance auto (its weight-space "
+        "candidate): add --reconstruct none --importance activation-wanda, or run without --fsdp")
+    assert main(["prune", "--model", str(saved_model), "--fsdp", "--reconstruct", "none", "--output",
+                 str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --fsdp cannot run --importance auto (its weight-space candidate): add --importance activation-wanda, "
+        "or run without --fsdp")

@@ -21,9 +21,9 @@ KILL_SCRIPT = sigkill_at_loss_script("calls == 10")
 
 
 def prune_args(model: Path, calib: Path, output: Path) -> list[str]:
-    return ["prune", "--model", str(model), "--criterion", "sdmprune", "--mlp-ratio", "0.5", "--steps", "3",
-            "--cold-start", "0.1", "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "32",
-            "--seed", "3", "--ppl-data", "none", "--output", str(output)]
+    return ["prune", "--model", str(model), "--criterion", "sdmprune", "--importance", "activation-wanda",
+            "--cold-start", "0.1", "--mlp-ratio", "0.5", "--steps", "3", "--calib", str(calib), "--calib-samples", "4",
+            "--calib-seq-len", "32", "--seed", "3", "--ppl-data", "none", "--output", str(output)]
 
 
 def kept(output: Path) -> list[list[int]]:
@@ -77,8 +77,8 @@ def test_every_calibration_criterion_from_the_cli(criterion, options, saved_mode
     output = tmp_path / criterion
     args = prune_args(saved_model, text_file, output)
     args[args.index("sdmprune")] = criterion
-    if criterion != "sdmprune":  # --cold-start is an option of sdmprune only
-        del args[args.index("--cold-start"):args.index("--cold-start") + 2]
+    if criterion != "sdmprune":  # --importance and --cold-start are options of sdmprune only
+        del args[args.index("--importance"):args.index("--cold-start") + 2]
     assert main([*args, *options]) == 0
     record = json.loads((output / "pruning.json").read_text())
     assert record["method"] == criterion and record["calibration"]["tokens"] == 4 * 32

@@ -30,10 +30,12 @@ SCORING, REFIT, CHOOSING = (CALIBRATION, {"for": "scoring"}), (CALIBRATION, {"fo
     (SELECTION, {"for": "selection"})
 
 
-def prune_args(saved_model, text_file, output, importance: str) -> list[str]:
-    return ["prune", "--model", str(saved_model), "--criterion", "sdmprune", "--importance", importance,
-            "--mlp-ratio", "0.4", "--calib", str(text_file), "--calib-samples", "6", "--calib-seq-len", "24",
-            "--ppl-data", "none", "--output", str(output)]
+def prune_args(saved_model, text_file, output, importance: str | None) -> list[str]:
+    """A small `prune` run; `importance` None leaves prune's default (auto)."""
+    named = [] if importance is None else ["--importance", importance]
+    return ["prune", "--model", str(saved_model), "--criterion", "sdmprune", *named, "--mlp-ratio", "0.4",
+            "--calib", str(text_file), "--calib-samples", "6", "--calib-seq-len", "24", "--ppl-data", "none",
+            "--output", str(output)]
 
 
 def rig_selection(monkeypatch, winner: str) -> list[torch.Tensor]:
@@ -86,7 +88,7 @@ def test_the_candidate_with_the_lowest_selection_nll_is_kept_with_its_refit():
 @pytest.mark.parametrize("winner", ["activation-wanda", "weight"])
 def test_auto_exports_what_a_run_naming_the_winner_exports(saved_model, text_file, tmp_path, monkeypatch, winner):
     calls = rig_selection(monkeypatch, winner)
-    assert main(prune_args(saved_model, text_file, tmp_path / "auto", "auto")) == 0
+    assert main(prune_args(saved_model, text_file, tmp_path / "auto", None)) == 0  # the default: auto
     assert main(prune_args(saved_model, text_file, tmp_path / "named", winner)) == 0
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "named" / name).read_bytes(), name
@@ -140,7 +142,8 @@ def test_refusals(saved_model, text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sdmprune.recipes.prune.load", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main([*prune_args(saved_model, text_file, tmp_path / "out", "auto"), "--fsdp", "--reconstruct",
                  "none"]) == 2
-    assert "--importance auto tries the weight-space importance" in capsys.readouterr().err
+    assert "error: --fsdp cannot run --importance auto (its weight-space candidate): add --importance " \
+        "activation-wanda, or run without --fsdp" in capsys.readouterr().err
 
 
 def compress_options(saved_model, text_file, output, importance: str | None, **extra) -> dict:

@@ -65,13 +65,13 @@ class SDMPrune(Criterion):
         "fraction of MLP width pruned by the cross-entropy cold start (0: none, the distillation loss scores the "
         "dense model itself)"))
     importance: str = field(default="activation-wanda", metadata=described(
-        "activation-wanda (the preset, prune's default) = geometric mean of the activation Taylor "
+        "activation-wanda (the preset; one scoring, half auto's time) = geometric mean of the activation Taylor "
         "score and structured Wanda's | weight = the paper's weight-space Taylor (faithful SDMPrune) | "
         "activation = sum over tokens of |a*dL/da| at the neuron's output | fisher = sum over tokens of "
         "(a*dL/da)^2 | weight-wanda = geometric mean of the weight-space Taylor score and structured Wanda's | "
         "auto = run activation-wanda and weight (and the refit) in turn, keep the one with the lower perplexity on "
-        "held-out calibration windows (compress's default: how often it kept the lower of the two is in the README, "
-        "Reconstruction; 2x the scoring and refit time)",
+        "held-out calibration windows (the default of prune and compress: how often it kept the lower of the two "
+        "is in the README, Reconstruction; 2x the scoring and refit time)",
         choices=IMPORTANCES))
     teacher: Teacher = registered(TEACHERS, "masks-off", "the teacher of the self-distillation loss")
 

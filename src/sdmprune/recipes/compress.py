@@ -4,13 +4,13 @@
     report = compress.run(compress.CompressRun.of(model="smollm2-135m", ratio=0.2, output="runs/c20"))
 
 Stages, each resumable (a killed run continued with --resume ends with the same export, byte for byte):
-check every input → calibrate (calibration and recovery windows, dense perplexity) → prune (the
-recommended SDMPrune preset; masks only) → reconstruct (refit of the kept down_proj weights, held beside
+check every input → calibrate (calibration and recovery windows, dense perplexity) → prune (SDMPrune
+with one importance; masks only) → reconstruct (refit of the kept down_proj weights, held beside
 the weights) → recover (LoRA distilled from the dense model, which is the same weights with adapters and
 masks off: no second copy; or from the dense model's top-k log-probabilities cached in the calibrate stage) →
-evaluate (zero-shot tasks, optional) → export (LoRA merged, sliced, written). With `--importance auto`, prune
-and reconstruct are one stage, select: each candidate importance is pruned and refitted in turn, and the one
-with the lower perplexity on further calibration windows is kept (`sdmprune.selection`).
+evaluate (zero-shot tasks, optional) → export (LoRA merged, sliced, written). With `--importance auto` (the
+default), prune and reconstruct are one stage, select: each candidate importance is pruned and refitted in
+turn, and the one with the lower perplexity on further calibration windows is kept (`sdmprune.selection`).
 Perplexity (on each text of --ppl-data, a comma-separated list here) is measured after every stage that changes
 the model and plotted in `stages.png`; every stage's seconds and peak memory go into pruning.json.
 """
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint, clear_for_new_run, prepare_output
-from ..config import LoraOptions, RuntimeOptions, TrainingOptions
-from ..criteria.sdmprune import WEIGHT_IMPORTANCES, SDMPrune
+from ..config import LoraOptions, TrainingOptions
+from ..criteria.sdmprune import WEIGHT_IMPORTANCES
 from ..data import load_calibration
 from ..errors import SdmpruneError
 from ..evaluation.tasks import evaluate_tasks, parse_task_names, resolve_tasks
@@ -44,7 +44,7 @@ from ..runtime import PeakMemory, context_length, use_bf16
 from ..schedule import check_plan
 from ..selection import SELECTION_WINDOWS, describe_choice, prune_and_refit, reconstruct_on
 from .options import PerplexityOptions, PruningRunOptions, TaskOptions
-from .prune import FINISHED
+from .prune import FINISHED, recommended_pruning
 from .steps import (
     calibration_windows,
     load,
@@ -108,10 +108,7 @@ class CompressRun(PruningRunOptions):
     or the paper's scores, whichever refits to the lower held-out perplexity), recover by distillation from the
     dense model held in the same weights, evaluate, export."""
 
-    # --importance auto: it kept the lower of the two leading selections in most records measured (README, "The
-    # choice of --importance auto"), gaining far more where the preset alone is behind than it lost on the miss
-    pruning: PruneConfig = field(default_factory=lambda: PruneConfig(criterion=SDMPrune(importance="auto"),
-                                                                     runtime=RuntimeOptions(bf16=True)))
+    pruning: PruneConfig = field(default_factory=lambda: recommended_pruning(bf16=True))
     reconstruction: ReconstructConfig = field(default_factory=ReconstructConfig)
     recovery: RecoveryOptions = field(default_factory=lambda: RecoveryOptions(
         epochs=1, batch_size=4, grad_accum=2, max_len=256, kd_beta=1.0,
