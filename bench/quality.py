@@ -71,6 +71,7 @@ METHODS: dict[str, dict] = {
     # the preset and the paper's score, each scored and refitted, the one with the lower perplexity on further
     # calibration windows kept (sdmprune.selection); records only with a refit ("<method>+<refit>")
     "sdmprune-auto": {**PRESET, "importance": "auto"},
+    "sdmprune-auto-global25": {**PRESET, "importance": "auto", "allocation": "global", "width_band": 0.25},
     # The preset over 4 prune-and-rescore steps (+ cold start) with the dense teacher (masks off) and with the
     # progressive one (the student of the previous step): both hold one model in memory.
     "sdmprune-steps4": {**PRESET, "steps": 4},
@@ -114,8 +115,10 @@ REFITS = {
 }
 REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda", "sdmprune-weight-wanda",
             "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
-            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune", "sdmprune-steps4", "sdmprune-auto")
-CHOSEN = ("sdmprune-auto",)  # the choice among candidates runs with each refit: one record per refit, none without
+            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune", "sdmprune-steps4", "sdmprune-auto",
+            "sdmprune-auto-global25")
+# the choice among candidates runs with each refit: one record per refit, none without
+CHOSEN = ("sdmprune-auto", "sdmprune-auto-global25")
 REFIT_MICRO_BATCH = 4
 NUTEPRUNE_WINDOWS = 500
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap", "flap-global")
@@ -444,7 +447,7 @@ def markdown(results: dict) -> str:
         "but the `-global` rows. `sdmprune-auto` (`--importance auto`, the default of `sdmprune prune` and "
         "`compress`): the preset and `sdmprune`'s "
         "score each run and refitted, the one with the lower perplexity on further calibration windows kept (records "
-        "only with a refit; see its table). "
+        "only with a refit; see its table); `sdmprune-auto-global25`: the same with `--allocation global`. "
         "`sdmprune-steps4` / `sdmprune-progressive`: the preset over 4 prune-and-rescore steps with the dense "
         "teacher / with the previous step's student as teacher. `nuteprune`: masks learned over key/value groups "
         "and MLP neurons (widths and head counts differ per layer) with LoRA merged, trained on its own "
