@@ -43,9 +43,9 @@ FINISHED = "pruning.json"
 def recommended_pruning(**runtime) -> PruneConfig:
     """The default of `prune` and `compress`: SDMPrune with `--importance auto`. Over the records measured it kept
     the lower of the preset's and the paper's selections after the refit in most, gaining 2-15% where the preset
-    alone is behind (Qwen2.5-Coder-0.5B) and losing at most 2.2% on its misses, where the two are level (SmolLM2 at
-    20%; README, "The choice of --importance auto"), for twice the scoring and refit time. `runtime`:
-    RuntimeOptions fields."""
+    alone is behind (Qwen2.5-Coder-0.5B) and losing 0.5-5.4% on its misses, where the selection windows barely
+    separate the two (SmolLM2 at 20%, Qwen2.5-Coder-1.5B at 30%; README, "The choice of --importance auto"), for
+    twice the scoring and refit time. `runtime`: RuntimeOptions fields."""
     return PruneConfig(criterion=SDMPrune(importance="auto"), runtime=RuntimeOptions(**runtime))
 
 
