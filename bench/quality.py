@@ -113,12 +113,11 @@ REFITS = {
     "sequential-holdout-128-top0.3": ReconstructConfig("sequential", damping=3e-4, refit_samples=128),
     "sequential-holdout-128-top0.03": ReconstructConfig("sequential", damping=3e-5, refit_samples=128),
 }
-REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda", "sdmprune-weight-wanda",
-            "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
-            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune", "sdmprune-steps4", "sdmprune-auto",
-            "sdmprune-auto-global25")
 # the choice among candidates runs with each refit: one record per refit, none without
 CHOSEN = ("sdmprune-auto", "sdmprune-auto-global25")
+REFITTED = ("wanda-sp", "flap", "flap-global", "sdmprune", "sdmprune-activation-wanda", "sdmprune-weight-wanda",
+            "sdmprune-activation-wanda-global", "sdmprune-activation-wanda-global25",
+            "sdmprune-activation-wanda-global50", "sdmprune-global25", "nuteprune", "sdmprune-steps4", *CHOSEN)
 REFIT_MICRO_BATCH = 4
 NUTEPRUNE_WINDOWS = 500
 BASELINES = ("random", "magnitude", "wanda-sp", "taylor", "flap", "flap-global")
